@@ -26,9 +26,9 @@ k = 32                   # active latents per activation
 batch_size = 4096        # activations per step, per process
 max_iters = 1000         # 4.1M activations: 4 passes over the default 1M-token capture
 learning_rate = 0.0      # 0: Adam at 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024, section 2.4)
-lr_mult = 4.0            # multiplies that rule: it was fitted to runs of billions of tokens; short runs gain from more
+lr_mult = 4.0            # times that rule, fitted to runs of billions of tokens: short runs learn faster with more (README)
 warmup_iters = 50        # linear warmup steps
-decay_iters = 200        # the last decay_iters steps decay the lr linearly to 0
+decay_frac = 0.2         # the last 20% of the steps decay the lr linearly to 0
 grad_clip = 1.0
 auxk_coef = 1 / 32       # Gao et al. 2024, appendix A.2
 k_aux = 0                # 0: d_model // 2 (capped at the number of dead latents)
@@ -75,7 +75,9 @@ class TopKSAE(torch.nn.Module):
         W = torch.randn(n, d)
         W /= W.norm(dim=1, keepdim=True)
         self.W_dec = torch.nn.Parameter(W)                # (n, d): one unit-norm row per latent
-        self.W_enc = torch.nn.Parameter(W.T.contiguous())  # (d, n): the decoder's transpose at init
+        # (d, n): the decoder's transpose at init, stored as an (n, d) buffer: x @ W_enc is as fast that way,
+        # and the sparse weight gradient, computed as (n, d), lands in it without a transposing copy
+        self.W_enc = torch.nn.Parameter(W.clone().T)
         self.b_enc = torch.nn.Parameter(torch.zeros(n))
         self.b_dec = torch.nn.Parameter(torch.zeros(d))
 
@@ -90,6 +92,8 @@ class TopKSAE(torch.nn.Module):
     def forward(self, x):
         return self.decode(*self.encode(x))
 
+_scratch = {}  # (B, n) pre-activation buffers, by shape
+
 class SparseEncode(torch.autograd.Function):
     """The encoder and its top-k (plus the AuxK top-k_aux among dead latents), ReLU'd. Forward is one dense
     product; backward only touches the k + k_aux selected entries of each row, so the weight gradient is a
@@ -97,7 +101,10 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead, k_aux):
         xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, W_enc)                        # (B, n), the one dense product
+        if torch.is_autocast_enabled(x.device.type): pre = torch.addmm(b_enc, xc, W_enc)  # (B, n), the one dense product
+        else:  # into a reused buffer: on a CPU a fresh 150 MB tensor costs ~30 ms of page faults every step
+            key = (len(x), W_enc.shape[1], x.device, x.dtype)
+            pre = torch.addmm(b_enc, xc, W_enc, out=_scratch[key] if key in _scratch else _scratch.setdefault(key, torch.empty(key[:2], device=x.device)))
         vals, idx = pre.topk(k, dim=1, sorted=False)
         vals = vals.float()                                         # (bf16 under autocast)
         if k_aux: avals, aidx = pre.masked_fill_(~dead, -math.inf).topk(k_aux, dim=1, sorted=False); avals = avals.float()
@@ -118,7 +125,8 @@ class SparseEncode(torch.autograd.Function):
 
 def global_var(x):
     """sum ||x - mean(x)||^2 over the global batch (all DDP ranks), in float64: the FVU denominator."""
-    s = torch.cat([x.double().sum(0), (x.double() ** 2).sum().view(1), torch.tensor([len(x)], dtype=torch.float64, device=x.device)])
+    x = x.double()
+    s = torch.cat([x.sum(0), (x * x).sum().view(1), torch.tensor([len(x)], dtype=torch.float64, device=x.device)])
     if dist.is_initialized(): dist.all_reduce(s)
     return (s[-2] - (s[:-2] ** 2).sum() / s[-1]).float()
 
@@ -174,9 +182,16 @@ def train_step(sae, opt, x, since_fired, lr, cfg):
     return stats[0].item(), stats[1].item(), stats[2].item() / world
 
 def read_rows(path, idx):
-    """Rows idx (sorted) of an (N, d) .npy as float32. The file is mapped only for this gather, so the
-    process never holds more of it than one batch: a capture larger than RAM trains."""
-    x = np.load(path, mmap_mode='r')[idx].astype(np.float32)
+    """Rows idx (sorted) of an (N, d) .npy as float32, read with pread, one call per run of consecutive rows. Not
+    through a memory map: each row faulted in there maps its neighbours too (1.8 GB of RSS for 32k random rows of
+    a 4.6 GB file), while this holds one batch, whatever the size of the file: a capture larger than RAM trains."""
+    a = np.load(path, mmap_mode='r')
+    out, row = np.empty((len(idx), a.shape[1]), a.dtype), a.shape[1] * a.itemsize
+    starts = np.nonzero(np.diff(idx, prepend=-2) != 1)[0]
+    with open(path, 'rb') as f:
+        for s, e in zip(starts, np.append(starts[1:], len(idx))):
+            assert os.preadv(f.fileno(), [out[s:e]], a.offset + int(idx[s]) * row) == (e - s) * row, f"short read of {path}"
+    x = out.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         r = int(idx[np.nonzero(~np.isfinite(x).all(1))[0][0]])
         where = os.path.join(os.path.dirname(path), 'ctx.npy')
@@ -316,8 +331,8 @@ if __name__ == '__main__':
             'scale': scale, 'data_dir': data_dir, 'capture': meta, 'config': config}
     if rank == 0 and wandb_log: import wandb; wandb.init(project=wandb_project, config=config)
 
-    def lr_at(i):  # linear warmup, constant, linear decay to 0 over the last decay_iters steps
-        return lr0 * min(1, (i + 1) / max(warmup_iters, 1)) * min(1, (max_iters - i) / max(decay_iters, 1))
+    def lr_at(i):  # linear warmup, constant, then linear decay to 0
+        return lr0 * min(1, (i + 1) / max(warmup_iters, 1)) * min(1, (max_iters - i) / max(decay_frac * max_iters, 1))
 
     def val_batches():
         for j in range(0, len(val_rows), 8192): yield read_rows(acts, val_rows[j:j + 8192]).to(device) * scale
@@ -365,7 +380,7 @@ if __name__ == '__main__':
             ref = p.detach().clone(); dist.broadcast(ref, 0)
             assert torch.equal(ref, p.detach()), "ranks disagree on the weights"
     if bench:
-        dt = np.diff(times[10:]).mean()
+        dt, rss = np.diff(times[10:]).mean(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before eval
         xb = read_rows(acts, batch_rows(0)).to(device) * scale
         t = time.perf_counter()
         for _ in range(10): xb @ sae.W_enc.detach()
@@ -373,7 +388,7 @@ if __name__ == '__main__':
         ev = run_eval()[0] if len(val_rows) else {'fvu': float('nan'), 'dead_frac': float('nan')}
         print(json.dumps({'nanosae': 'fast' if fast else 'dense', 'acts_per_s': round(batch_size / dt, 1), 's_per_step': round(dt, 4),
                           'matmul_s': round(t_mm, 4), 'step_over_matmul': round(dt / t_mm, 3), 'data_wait_pct': round(100 * t_wait / (time.time() - t0), 2),
-                          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), 'fvu': ev['fvu'], 'dead_frac': ev['dead_frac'],
+                          'peak_rss_mb': round(rss, 1), 'fvu': ev['fvu'], 'dead_frac': ev['dead_frac'],
                           'd': d, 'n_latents': n, 'k': k, 'batch': batch_size, 'steps': max_iters, 'threads': torch.get_num_threads()}))
     elif rank == 0:
         ev, act_mean = run_eval() if len(val_rows) else ({}, [])

@@ -92,17 +92,21 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     return {**r, 'delta_ce': r['ce_spliced'] - r['ce_clean'], 'kl': kl / n, 'tokens': n}
 
 @torch.no_grad()
-def scan(sae, acts, n_examples, chunk=4096):
-    """Density and top-activating rows of every latent over a capture, one chunk of rows at a time."""
+def scan(sae, acts, E, chunk=8192):
+    """Density and the E top-activating rows of every latent over a capture, one chunk of rows at a time: the
+    table and the chunk's (latent, value, row) triples are sorted by latent then value, and E kept per latent."""
     N, n = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.shape[0]
-    top_v, top_r, count = torch.zeros(n_examples, n), torch.zeros(n_examples, n, dtype=torch.long), torch.zeros(n)
+    top_v, top_r, count = torch.zeros(n, E), torch.zeros(n, E, dtype=torch.long), torch.zeros(n)
     for s in range(0, N, chunk):
         vals, idx = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))))
-        z = torch.zeros(len(vals), n).scatter_(1, idx, vals)   # (B, n)
-        count += (z > 0).sum(0)
-        top_v, r = torch.cat([top_v, z]).topk(n_examples, dim=0)  # rows < n_examples come from the old table
-        top_r = torch.where(r < n_examples, top_r.gather(0, r.clamp(max=n_examples - 1)), s + r - n_examples)
-    return count / N, top_v, top_r
+        count.index_add_(0, idx.flatten(), (vals > 0).float().flatten())
+        lat = torch.cat([torch.arange(n).repeat_interleave(E), idx.flatten()])
+        val = torch.cat([top_v.flatten(), vals.flatten()])
+        row = torch.cat([top_r.flatten(), torch.arange(s, s + len(vals)).repeat_interleave(idx.shape[1])])
+        o = val.argsort(descending=True); o = o[lat[o].argsort(stable=True)]
+        keep = torch.arange(len(o)) - torch.searchsorted(lat[o], torch.arange(n))[lat[o]] < E  # the first E of each latent
+        top_v, top_r = val[o][keep].view(n, E), row[o][keep].view(n, E)
+    return count / N, top_v.T, top_r.T
 
 def browser(lm, tok, sae, info, n_show, n_examples):
     """Write browser.html (one static page, no external assets; type a word to filter) and browser.json."""

@@ -162,10 +162,12 @@ def test_1_4_decoder_rows_unit_and_gradient_orthogonal_every_step():
         assert (sae.W_dec.grad * W_old).sum(1).abs().max() < 1e-6  # the step's gradient had no part along its row
         assert (sae.W_dec.detach() - W_old).norm() > 0
 
-def test_2_3_10_auxk_and_the_fast_path():
+@pytest.mark.parametrize('device', ['cpu'] + ['cuda'] * torch.cuda.is_available())
+def test_2_3_10_auxk_and_the_fast_path(device):
     """AuxK decodes without b_dec and regresses a detached residual; the fast path equals dense autograd."""
     sae, x = make()
-    dead = torch.arange(64) >= 32
+    sae, x = sae.to(device), x.to(device)
+    dead = torch.arange(64, device=device) >= 32
     fvu, aux, vals, idx = losses(sae, x, dead, 8, fast=True)
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # an independent computation of both losses
     v, i = pre.topk(4); recon = (v.relu()[..., None] * sae.W_dec[i]).sum(1) + sae.b_dec
