@@ -8,12 +8,12 @@ Writes acts.npy (N, d_model); tokens/ctx/pos.npy (N,): each row's token, context
 token 0; meta.json last: it means complete. Kill it at any point and rerun the same command: it continues.
 """
 import os, json, glob, time, importlib.util
+os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})  # before torch loads tqdm: no bars or hub retry noise, so a user mistake stays one line
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer, logging as hf_logging
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from sae import configure
-hf_logging.disable_progress_bar()  # no loading bars on stderr: a user mistake stays one line there
 
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value

@@ -286,13 +286,13 @@ if __name__ == '__main__':
     else:
         ctx = np.load(os.path.join(data_dir, 'ctx.npy'))
         held = np.random.default_rng(seed).random(int(ctx.max()) + 1) < val_frac
-        rows, val_rows = np.nonzero(~held[ctx])[0], np.nonzero(held[ctx])[0]
+        rows, val_rows = np.nonzero(~held[ctx])[0].astype(np.int32), np.nonzero(held[ctx])[0].astype(np.int32)  # 4 bytes a row
         del ctx
     gb = batch_size * world  # the global batch
     if gb > len(rows): raise SystemExit(f"--batch_size={batch_size} x {world} ranks is more than the {len(rows)} training rows: lower --batch_size")
     per_epoch = len(rows) // gb
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=1)
     def epoch_perm(e):  # a fresh permutation of all training rows each pass (consecutive rows in --bench, like the peers)
         return rows if bench else np.random.default_rng([seed, e]).permutation(rows)
 
@@ -380,11 +380,10 @@ if __name__ == '__main__':
             ref = p.detach().clone(); dist.broadcast(ref, 0)
             assert torch.equal(ref, p.detach()), "ranks disagree on the weights"
     if bench:
-        dt, rss = np.diff(times[10:]).mean(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before eval
-        xb = read_rows(acts, batch_rows(0)).to(device) * scale
-        t = time.perf_counter()
-        for _ in range(10): xb @ sae.W_enc.detach()
-        t_mm = (time.perf_counter() - t) / 10
+        dt, rss = np.median(np.diff(times[10:])), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before eval
+        xb, t_mm = read_rows(acts, batch_rows(0)).to(device) * scale, []
+        for _ in range(20): t = time.perf_counter(); xb @ sae.W_enc.detach(); t_mm.append(time.perf_counter() - t)
+        t_mm = float(np.median(t_mm))  # steps and products both by their median: this machine is noisy
         ev = run_eval()[0] if len(val_rows) else {'fvu': float('nan'), 'dead_frac': float('nan')}
         print(json.dumps({'nanosae': 'fast' if fast else 'dense', 'acts_per_s': round(batch_size / dt, 1), 's_per_step': round(dt, 4),
                           'matmul_s': round(t_mm, 4), 'step_over_matmul': round(dt / t_mm, 3), 'data_wait_pct': round(100 * t_wait / (time.time() - t0), 2),

@@ -7,6 +7,7 @@ $ python steer.py --prompt="The Eiffel Tower is in"        # the latents that fi
 $ python steer.py --prompt="My favourite food is" --latent=123 --strength=4 --mode=add   # clean vs steered
 """
 import os, sys, json, html
+os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})  # before torch loads tqdm: no bars or hub retry noise, so a user mistake stays one line
 import numpy as np
 import torch
 import torch.nn.functional as F
