@@ -63,7 +63,8 @@ def run_to_layer(lm, block, input_ids, attention_mask=None):
     def hook(mod, args, output): out.append(output[0] if isinstance(output, tuple) else output); raise _Stop
     handle = block.register_forward_hook(hook)
     try: lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _Stop: handle.remove()
+    except _Stop: pass
+    finally: handle.remove()  # also when the forward fails: a stale hook would stop every later forward
     return out[0]
 
 def read_docs(data, split='train'):
@@ -133,7 +134,6 @@ if __name__ == '__main__':
     lens = np.array([len(c) - skip for c in ctxs])
     starts = np.concatenate([[0], np.cumsum(lens)])  # first row of each context
     N, d, n_batches, npdt = int(starts[-1]), lm.config.hidden_size, (len(ctxs) + batch_size - 1) // batch_size, np.dtype(dtype)
-
     def capture_batch(b):  # (rows, d) activations of batch b in storage dtype, checked for overflow
         cs = ctxs[b * batch_size:(b + 1) * batch_size]
         h = run_to_layer(lm, blist[layer], *pad(cs, device))

@@ -104,8 +104,8 @@ def scan(sae, acts, E, chunk=8192):
         lat = torch.cat([torch.arange(n).repeat_interleave(E), idx.flatten()])
         val = torch.cat([top_v.flatten(), vals.flatten()])
         row = torch.cat([top_r.flatten(), torch.arange(s, s + len(vals)).repeat_interleave(idx.shape[1])])
-        o = val.argsort(descending=True); o = o[lat[o].argsort(stable=True)]
-        keep = torch.arange(len(o)) - torch.searchsorted(lat[o], torch.arange(n))[lat[o]] < E  # the first E of each latent
+        o = val.argsort(descending=True); o = o[lat[o].argsort(stable=True)]; lo = lat[o]  # by latent, then value
+        keep = torch.arange(len(o)) - torch.searchsorted(lo, torch.arange(n))[lo] < E  # the first E of each latent
         top_v, top_r = val[o][keep].view(n, E), row[o][keep].view(n, E)
     return count / N, top_v.T, top_r.T
 

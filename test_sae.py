@@ -101,6 +101,9 @@ def test_hook_stops_the_forward_and_last_block_is_before_final_norm(tiny):
     blist[2].register_forward_hook(lambda *a: calls.append(1))
     torch.testing.assert_close(run_to_layer(lm, blist[1], ids), hs[2])
     assert calls == []  # blocks after the hooked one never ran
+    n_hooks = len(blist[1]._forward_hooks)  # transformers keeps hooks of its own there
+    with pytest.raises(IndexError): run_to_layer(lm, blist[1], ids + 10_000)  # a forward that fails leaves no hook behind
+    assert len(blist[1]._forward_hooks) == n_hooks
     last = run_to_layer(lm, blist[3], ids)  # HF's last hidden state has the final norm applied; the block output has not
     assert not torch.allclose(last, hs[4], atol=1e-3) and torch.allclose(lm.model.norm(last), hs[4], atol=1e-5)
 
