@@ -197,4 +197,4 @@ if __name__ == '__main__':
         with open(os.path.join(out_dir, 'meta.tmp'), 'w') as f: json.dump(meta, f, indent=1)
         os.replace(os.path.join(out_dir, 'meta.tmp'), os.path.join(out_dir, 'meta.json'))
         print(f"done: {N} activations ({d} dims, {dtype}) in {out_dir} | {n_done * world / max(elapsed, 1e-9):.0f} tok/s over {elapsed:.0f}s")
-    if ddp: dist.destroy_process_group()
+    if ddp: dist.barrier(); dist.destroy_process_group()  # ranks leave together: none tears down while rank 0 still writes

@@ -397,4 +397,4 @@ if __name__ == '__main__':
         save_sae(sae, scale, out_dir, info)
         log(f"saved {out_dir}/sae_weights.safetensors: fvu {ev.get('fvu', float('nan')):.4f}, l0 {ev.get('l0', 0):.1f}, "
             f"dead {100 * ev.get('dead_frac', 0):.2f}%, {it * gb / (time.time() - t0):.0f} activations/s over {time.time() - t0:.0f}s")
-    if ddp: dist.destroy_process_group()
+    if ddp: dist.barrier(); dist.destroy_process_group()  # ranks leave together: none tears down while rank 0 still writes
