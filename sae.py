@@ -96,13 +96,13 @@ class TopKSAE(torch.nn.Module):
         return self.decode(*self.encode(x))
 
 def topk(pre, k, g=8):
-    """pre.topk(k, dim=1, sorted=False): the same values (among equal values maybe other indices), in about half
-    the time of torch.topk on a CPU when k << n. View each row as g slices of s = n / g and take their elementwise max:
+    """pre.topk(k, dim=1, sorted=False): the same values (among equal values maybe other indices), in about 2/3 of
+    the time of torch.topk on a CPU (31 vs 49 ms for k=32 of 9216). View each row as g slices of s = n / g and take their elementwise max:
     s column maxima in one vectorised pass. The k largest maxima are k distinct entries, so the k-th largest entry
     is at least the k-th largest maximum, and every entry of the top k lies in one of those k columns: the answer
     is the top k of their k * g entries. The k largest maxima are found the same way."""
     B, n = pre.shape
-    if n % g or n < 4 * k * g: return pre.topk(k, dim=1, sorted=False)
+    if n % g or n < 4 * k * g: return pre.topk(k, dim=1, sorted=False)  # too narrow to pay off
     s = n // g
     _, col = topk(pre.view(B, g, s).amax(1), k, g)                                     # (B, k) columns
     cand = (col.unsqueeze(2) + torch.arange(0, n, s, device=pre.device)).view(B, k * g)  # their entries
