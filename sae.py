@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file, safe_open
-warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')  # rows_grad's product is as old as torch 1.13
+warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')  # printed once by rows_grad's CSR product
 
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
@@ -97,10 +97,10 @@ class TopKSAE(torch.nn.Module):
 
 def topk(pre, k, g=8):
     """pre.topk(k, dim=1, sorted=False): the same values (among equal values maybe other indices), in about 2/3 of
-    the time of torch.topk on a CPU (31 vs 49 ms for k=32 of 9216). View each row as g slices of s = n / g and take their elementwise max:
-    s column maxima in one vectorised pass. The k largest maxima are k distinct entries, so the k-th largest entry
-    is at least the k-th largest maximum, and every entry of the top k lies in one of those k columns: the answer
-    is the top k of their k * g entries. The k largest maxima are found the same way."""
+    the time of torch.topk on a CPU (31 vs 49 ms for k=32 of 9216). View each row as g slices of s = n / g and take
+    their elementwise max: s column maxima in one vectorised pass. The k largest maxima are k distinct entries, so
+    the k-th largest entry is at least the k-th largest maximum, and every entry of the top k lies in one of those
+    k columns: the answer is the top k of their k * g entries. The k largest maxima are found the same way."""
     B, n = pre.shape
     if n % g or n < 4 * k * g: return pre.topk(k, dim=1, sorted=False)  # too narrow to pay off
     s = n // g
