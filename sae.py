@@ -76,13 +76,14 @@ class TopKSAE(torch.nn.Module):
         W = torch.randn(n, d)
         W /= W.norm(dim=1, keepdim=True)
         self.W_dec = torch.nn.Parameter(W)                # (n, d): one unit-norm row per latent
-        self.W_enc_T = torch.nn.Parameter(W.clone())      # (n, d) too: W_enc = W_dec.T at init, stored transposed (below)
-        self.b_enc = torch.nn.Parameter(torch.zeros(n))
+        # the encoder [W_enc.T | b_enc] in one contiguous (n, d + 1) tensor: pre = [x - b_dec, 1] @ enc.T is one product
+        # with no bias pass, the encoder's weight gradient is computed in this layout, and fused Adam runs on a
+        # contiguous tensor (15 ms a step on a transposed view, 6 here). W_enc = W_dec.T at init.
+        self.enc = torch.nn.Parameter(F.pad(W, (0, 1)))
         self.b_dec = torch.nn.Parameter(torch.zeros(d))
 
-    @property
-    def W_enc(self):  # (d, n), a view. Stored as (n, d), the encoder's weight gradient is computed in its layout
-        return self.W_enc_T.T  # and fused Adam runs on a contiguous tensor (15 ms a step on a transposed one, 6 here)
+    W_enc = property(lambda self: self.enc[:, :-1].T)  # (d, n), a view
+    b_enc = property(lambda self: self.enc[:, -1])     # (n,), a view
 
     def encode(self, x):  # (B, d) -> vals, idx (B, k)
         vals, idx = topk((x - self.b_dec) @ self.W_enc + self.b_enc, self.k)
@@ -109,12 +110,13 @@ def topk(pre, k, g=8):
     vals, j = pre.gather(1, cand).topk(k, dim=1, sorted=False)
     return vals, cand.gather(1, j)
 
-def rows_grad(idx, g, x, n):
-    """sum over (b, i) of g[b, i] * x[b] into row idx[b, i] of an (n, d) matrix: the weight gradient of the encoder,
-    (n, B) @ (B, d) with k non-zeros per column, as a CSR sparse product (columns sorted and distinct in each row)."""
+def rows_grad(idx, g, x, out):
+    """out[idx[b, i]] += g[b, i] * x[b] for all (b, i), in place: the encoder's weight gradient, (n, B) @ (B, d)
+    with k non-zeros per column, as a CSR sparse product (columns sorted and distinct in each row)."""
     order = idx.flatten().argsort(stable=True)
-    crow = F.pad(torch.bincount(idx.flatten(), minlength=n).cumsum(0), (1, 0))
-    return torch.sparse_csr_tensor(crow, order // idx.shape[1], g.flatten()[order], (n, len(x)), check_invariants=False) @ x
+    crow = F.pad(torch.bincount(idx.flatten(), minlength=len(out)).cumsum(0), (1, 0))
+    A = torch.sparse_csr_tensor(crow, order // idx.shape[1], g.flatten()[order], (len(out), len(x)), check_invariants=False)
+    return torch.addmm(out, A, x, out=out)  # out= itself: no copy of out (A @ x would zero-fill and copy, 8 ms)
 
 _scratch = {}  # (B, n) pre-activation buffers, by shape
 
@@ -123,36 +125,35 @@ class SparseEncode(torch.autograd.Function):
     product; backward only touches the k + k_aux selected entries of each row, so the weight gradient is a
     sparse (n, B) @ (B, d) product instead of a dense (d, B) @ (B, n) one: about 1/300 of the work."""
     @staticmethod
-    def forward(ctx, x, W_enc_T, b_enc, b_dec, k, dead, k_aux):
-        xc = x - b_dec
+    def forward(ctx, x, enc, b_dec, k, dead, k_aux):
+        xc = F.pad(x - b_dec, (0, 1), value=1.0)                     # [x - b_dec, 1]: the 1 picks up b_enc
         # the one dense product (B, n), in bf16 under autocast (AMX on recent Xeons: 8x float32), written into a reused
         # buffer: on a CPU a fresh 150 MB tensor costs ~30 ms of page faults every step
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        key = (len(x), len(W_enc_T), x.device, dt)
+        key = (len(x), len(enc), x.device, dt)
         if key not in _scratch: _scratch[key] = torch.empty(key[:2], device=x.device, dtype=dt)
-        pre = torch.addmm(b_enc.to(dt), xc.to(dt), W_enc_T.T.to(dt), out=_scratch[key])
+        pre = torch.mm(xc.to(dt), enc.T.to(dt), out=_scratch[key])
         vals, idx = topk(pre, k)
         vals = vals.float()                                         # (bf16 under autocast)
         if k_aux: avals, aidx = topk(pre.masked_fill_(~dead, -math.inf), k_aux); avals = avals.float()
         else: avals, aidx = pre.new_empty(len(x), 0), idx.new_empty(len(x), 0)
-        ctx.save_for_backward(xc, W_enc_T, idx, vals, aidx, avals)
+        ctx.save_for_backward(xc, enc, idx, vals, aidx, avals)
         ctx.mark_non_differentiable(idx, aidx)
         return vals.relu(), idx, avals.relu(), aidx
 
     @staticmethod
     def backward(ctx, g_vals, _, g_avals, __):
-        xc, W_enc_T, idx, vals, aidx, avals = ctx.saved_tensors
+        xc, enc, idx, vals, aidx, avals = ctx.saved_tensors
         g, ga = g_vals * (vals > 0), g_avals * (avals > 0)         # d loss / d pre at the selected entries
-        g_W = rows_grad(idx, g, xc, len(W_enc_T))                   # (n, d), like W_enc_T
-        g_b_enc = torch.zeros_like(W_enc_T[:, 0]).index_add_(0, idx.flatten(), g.flatten())
-        if ga.numel():  # AuxK's entries: a latent can be in both sets of a row, so they are summed separately
-            g_W += rows_grad(aidx, ga, xc, len(W_enc_T)); g_b_enc.index_add_(0, aidx.flatten(), ga.flatten())
-        return None, g_W, g_b_enc, -(g_b_enc @ W_enc_T), None, None, None  # d pre / d b_dec = -W_enc
+        g_enc = rows_grad(idx, g, xc, torch.zeros_like(enc))       # (n, d + 1): W_enc.T's gradient and b_enc's
+        if ga.numel():  # AuxK's entries: a latent can be in both sets of a row, so they are added in a second product
+            rows_grad(aidx, ga, xc, g_enc)
+        return None, g_enc, -(g_enc[:, -1] @ enc[:, :-1]), None, None, None  # d pre / d b_dec = -W_enc
 
 def global_var(x):
     """sum ||x - mean(x)||^2 over the global batch (all DDP ranks), in float64: the FVU denominator."""
-    x = x.double()
-    s = torch.cat([x.sum(0), (x * x).sum().view(1), torch.tensor([len(x)], dtype=torch.float64, device=x.device)])
+    f64 = torch.float64  # accumulated in float64, without a float64 copy of x (10 ms a step)
+    s = torch.cat([x.sum(0, dtype=f64), x.pow(2).sum(dtype=f64).view(1), torch.tensor([len(x)], dtype=f64, device=x.device)])
     if dist.is_initialized(): dist.all_reduce(s)
     return (s[-2] - (s[:-2] ** 2).sum() / s[-1]).float()
 
@@ -161,7 +162,7 @@ def losses(sae, x, dead, k_aux, fast=True):
     both normalised by global variances, so that summing over ranks gives exactly the single-process loss."""
     k_aux = min(k_aux, int(dead.sum()))
     if fast:
-        vals, idx, avals, aidx = SparseEncode.apply(x, sae.W_enc_T, sae.b_enc, sae.b_dec, sae.k, dead, k_aux)
+        vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.k, dead, k_aux)
         recon = sae.decode(vals, idx)
     else:  # the plain version: dense pre-activations, dense latents, dense decoder product
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
@@ -276,7 +277,7 @@ def load_sae(path, device='cpu'):
     except Exception as e:
         raise SystemExit(f"'{f}' is not a nanoSAE file ({type(e).__name__}: {e}): pass a folder written by sae.py")
     sae = TopKSAE(t['W_dec'].shape[1], t['W_dec'].shape[0], info['k']).to(device)
-    t['W_enc_T'] = t.pop('W_enc').T
+    t['enc'] = torch.cat([t.pop('W_enc').T, t.pop('b_enc')[:, None]], 1)
     sae.load_state_dict(t)
     return sae.eval(), info
 
@@ -346,7 +347,7 @@ if __name__ == '__main__':
         diff = [f"{key}={ck['config'].get(key)!r} (now {v!r})" for key, v in ident.items() if ck['config'].get(key) != v]
         if diff: raise SystemExit(f"{ckpt_path} is from a different config ({', '.join(diff)}): pass --init_from=scratch or another --out_dir")
         try: sae.load_state_dict(ck['sae']); opt.load_state_dict(ck['opt']); since_fired.copy_(ck['since_fired'])
-        except (RuntimeError, ValueError, KeyError) as e:  # e.g. written by an older sae.py (W_enc is now stored as W_enc_T)
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. written by an older sae.py (the encoder is now one tensor, enc)
             raise SystemExit(f"{ckpt_path} does not fit this sae.py ({' '.join(str(e).split())[:160]}): pass --init_from=scratch or another --out_dir")
         it, scale = ck['iter'], ck['scale']
         log(f"resuming from {ckpt_path} at step {it}")
@@ -412,7 +413,7 @@ if __name__ == '__main__':
     if bench:
         dt, rss = np.median(np.diff(times[10:])), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before eval
         # the floor: one x @ W_enc as written (a fresh output), and into a reused buffer like our step's (no page faults)
-        xb, W = read_rows(acts, batch_rows(0)).to(device) * scale, sae.W_enc.detach()
+        xb, W = read_rows(acts, batch_rows(0)).to(device) * scale, sae.W_enc.detach().contiguous()
         xb, W = (xb, W) if dtype == 'float32' else (xb.bfloat16(), W.bfloat16())
         buf = torch.empty(len(xb), n, device=device, dtype=xb.dtype)
         def timed(f):  # steps and products both by their median: this machine is noisy

@@ -179,7 +179,7 @@ def test_2_3_10_auxk_and_the_fast_path(device, n):
     torch.testing.assert_close(aux, ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum())
     aux.backward()
     live_fired = torch.unique(idx[vals > 0]); live_fired = live_fired[~dead[live_fired]]
-    assert len(live_fired) and sae.W_dec.grad[live_fired].abs().max() == 0 and sae.W_enc_T.grad[live_fired].abs().max() == 0
+    assert len(live_fired) and sae.W_dec.grad[live_fired].abs().max() == 0 and sae.enc.grad[live_fired].abs().max() == 0
     grads = {}
     for fast, bf16 in ((True, False), (False, False), (True, True), (False, True)):
         sae.zero_grad()
