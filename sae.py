@@ -366,7 +366,7 @@ if __name__ == '__main__':
         return lr0 * min(1, (i + 1) / max(warmup_iters, 1)) * min(1, (max_iters - i) / max(decay_frac * max_iters, 1))
 
     def val_batches():
-        for j in range(0, len(val_rows), 8192): yield read_rows(acts, val_rows[j:j + 8192]).to(device) * scale
+        for j in range(0, len(val_rows), batch_size): yield read_rows(acts, val_rows[j:j + batch_size]).to(device) * scale  # training-sized: no higher peak
 
     def run_eval():  # dead: never fired on the validation set, nor in the last dead_tokens tokens of training
         r = evaluate(sae, val_batches())
