@@ -85,8 +85,8 @@ class TopKSAE(torch.nn.Module):
     W_enc = property(lambda self: self.enc[:, :-1].T)  # (d, n), a view
     b_enc = property(lambda self: self.enc[:, -1])     # (n,), a view
 
-    def encode(self, x):  # (B, d) -> vals, idx (B, k)
-        vals, idx = topk((x - self.b_dec) @ self.W_enc + self.b_enc, self.k)
+    def encode(self, x):  # (B, d) -> vals, idx (B, k); the bias through the 1 of [x - b_dec, 1], as in training
+        vals, idx = topk(F.pad(x - self.b_dec, (0, 1), value=1.0) @ self.enc.T, self.k)
         return vals.relu(), idx
 
     def decode(self, vals, idx, bias=True):  # the k rows of W_dec, weighted: never a dense (B, n) matrix
@@ -366,7 +366,7 @@ if __name__ == '__main__':
         return lr0 * min(1, (i + 1) / max(warmup_iters, 1)) * min(1, (max_iters - i) / max(decay_frac * max_iters, 1))
 
     def val_batches():
-        for j in range(0, len(val_rows), batch_size): yield read_rows(acts, val_rows[j:j + batch_size]).to(device) * scale  # training-sized: no higher peak
+        for j in range(0, len(val_rows), batch_size): yield read_rows(acts, val_rows[j:j + batch_size]).to(device) * scale  # 8,192 let RSS grow with the set
 
     def run_eval():  # dead: never fired on the validation set, nor in the last dead_tokens tokens of training
         r = evaluate(sae, val_batches())

@@ -175,7 +175,7 @@ def test_2_3_10_auxk_and_the_fast_path(device, n):
     v, i = pre.topk(4); recon = (v.relu()[..., None] * sae.W_dec[i]).sum(1) + sae.b_dec
     av, ai = pre.masked_fill(~dead, -1e9).topk(8); e = x - recon
     e_hat = (av.relu()[..., None] * sae.W_dec[ai]).sum(1)  # no b_dec
-    torch.testing.assert_close(fvu, (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    torch.testing.assert_close(fvu, (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum()); torch.testing.assert_close(sae.decode(*sae.encode(x)), recon)  # eval's path too
     torch.testing.assert_close(aux, ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum())
     aux.backward()
     live_fired = torch.unique(idx[vals > 0]); live_fired = live_fired[~dead[live_fired]]
