@@ -1,6 +1,7 @@
-"""nanoSAE tests: CPU only, no network. Tiny Llama models are built from a config, trained for a moment on a
-small corpus and saved with save_pretrained, so the real from_pretrained(path) path runs. Scripts run as
-subprocesses, the way the README runs them. `-m "not slow"` skips the one test on the real offline default.
+"""nanoSAE tests: CPU only, no network. Tiny Llama models are built from a config, trained for a
+moment on a small corpus and saved with save_pretrained, so the real from_pretrained(path) path
+runs. Scripts run as subprocesses, the way the README runs them. Each test checks behaviour
+against an independent truth, named in its docstring. `-m "not slow"` skips the real-model test.
 $ python -m pytest -q test_sae.py
 """
 import os, sys, json, math, signal, shutil, subprocess, time, html.parser
@@ -8,79 +9,154 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from sae import TopKSAE, configure, topk, losses, update_dead, train_step, evaluate, save_sae, load_sae, read_rows
+import capture, sae as sae_script, steer
+from sae import (TopKSAE, configure, topk, losses, update_dead, train_step, evaluate, save_sae,
+                 load_sae, read_rows, make_optimizer, init_from_data)
 from capture import run_to_layer, blocks
 from steer import attach, steer_fn, evaluate_lm, sae_fn
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore'}
-WORDS = 'the a river city king music atom cell war song law sun ocean moon map tree stone iron art god'.split()
+WORDS = 'the a river city king music atom cell war song law sun ocean moon map tree stone iron art god'
 CFG = dict(dead_tokens=10**9, k_aux=8, auxk_coef=1 / 32, grad_clip=1.0, fast=True, dtype='float32')
 
+def command(*args, nproc=0):
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    return [sys.executable] + (torchrun if nproc else []) + [str(a) for a in args]
+
 def run(*args, ok=True, nproc=0, **kw):
-    cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] if nproc else []) + [str(a) for a in args]
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900, **kw)
+    p = subprocess.run(command(*args, nproc=nproc), cwd=REPO, env=ENV, capture_output=True,
+                       text=True, timeout=900, **kw)
     assert not ok or p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
 
-def fails(args, match, out=None):
-    """A user mistake: exit 1, one line on stderr naming the problem, no traceback, nothing that looks complete."""
+def fails(args, match, out=None, leaves=()):
+    """A user mistake: exit 1, one line on stderr naming the problem, no traceback, and no file in
+    `leaves` (what would look complete) left in `out`."""
     p = run(*args, ok=False)
     err = p.stderr.strip().splitlines()
-    assert p.returncode == 1 and len(err) == 1 and match in err[0] and 'Traceback' not in p.stderr, p.stderr
-    assert out is None or not os.path.exists(os.path.join(out, 'meta.json'))
+    assert p.returncode == 1 and len(err) == 1 and match in err[0], p.stderr
+    assert 'Traceback' not in p.stderr
+    for name in ('meta.json',) + tuple(leaves):
+        assert out is None or not os.path.exists(os.path.join(out, name)), name
+    return err[0]
 
 @pytest.fixture(scope='session')
 def tiny(tmp_path_factory):
-    """A 4-block Llama (d=64) with a byte-level tokenizer, trained briefly on a corpus of word salad, and a
-    float32 capture of block 1 (ctx_len 32) made by capture.py."""
+    """A 4-block Llama (d=64) with a byte-level tokenizer, trained briefly on a corpus of word
+    salad, and a float32 capture of block 1 (ctx_len 32) made by capture.py."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     root = tmp_path_factory.mktemp('tiny')
-    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token='</s>')
     rng = np.random.default_rng(0)
-    docs = [' '.join(rng.choice(WORDS, rng.integers(3, 60))) + '.' for _ in range(40)]
+    docs = [' '.join(rng.choice(WORDS.split(), rng.integers(3, 60))) + '.' for _ in range(40)]
     os.makedirs(root / 'corpus')
-    for i, doc in enumerate(docs): (root / 'corpus' / f'{i:02d}.txt').write_text(doc)
+    for i, doc in enumerate(docs):
+        (root / 'corpus' / f'{i:02d}.txt').write_text(doc)
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256))
     opt = torch.optim.Adam(lm.parameters(), 3e-3)
     ids = torch.tensor(tok(' '.join(docs)).input_ids[:64 * 32]).view(32, 64)
-    for _ in range(120):  # enough that the residual stream at block 1 matters for the loss
-        lm(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad()
-    lm.save_pretrained(root / 'model'); tok.save_pretrained(root / 'model')
-    cap = root / 'cap'
-    run('capture.py', f'--model={root / "model"}', f'--data={root / "corpus"}', '--layer=1', '--ctx_len=32', '--dtype=float32', '--batch_size=4', f'--out_dir={cap}')
-    return {'root': root, 'model': str(root / 'model'), 'corpus': str(root / 'corpus'), 'cap': str(cap), 'docs': docs, 'tok': tok,
-            'cap_args': [f'--model={root / "model"}', f'--data={root / "corpus"}', '--layer=1', '--ctx_len=32', '--dtype=float32', '--batch_size=4']}
+    # enough steps that the residual stream at block 1 matters for the loss
+    for _ in range(120):
+        lm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    lm.save_pretrained(root / 'model')
+    tok.save_pretrained(root / 'model')
+    cap_args = [f'--model={root / "model"}', f'--data={root / "corpus"}', '--layer=1',
+                '--ctx_len=32', '--dtype=float32', '--batch_size=4']
+    run('capture.py', *cap_args, f'--out_dir={root / "cap"}')
+    return {'root': root, 'model': str(root / 'model'), 'corpus': str(root / 'corpus'),
+            'cap': str(root / 'cap'), 'docs': docs, 'tok': tok, 'cap_args': cap_args}
+
+SAE_ARGS = ['--n_latents=256', '--k=8', '--batch_size=128', '--max_iters=300', '--dead_tokens=4000',
+            '--val_frac=0.1']
 
 @pytest.fixture(scope='session')
 def trained(tiny):
     out = tiny['root'] / 'sae'
-    run('sae.py', f'--data_dir={tiny["cap"]}', f'--out_dir={out}', '--n_latents=256', '--k=8', '--batch_size=128', '--max_iters=300', '--dead_tokens=4000', '--val_frac=0.1')
+    run('sae.py', f'--data_dir={tiny["cap"]}', f'--out_dir={out}', *SAE_ARGS)
     return str(out)
 
 def load_lm(path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
-# ----------------------------------------------------------------------------- config and capture
-def test_configure():
+# ----------------------------------------------------------------------------- config
+def test_configure_parses_types_and_checks_rules():
+    """Types come from the defaults; every rule is checked, and a mistake is one line."""
     g = {'__doc__': 'doc', 'lr': 0.5, 'n': 3, 'on': False, 'name': 'x'}
-    assert configure(g, list(g)[1:], ['--lr=2', '--on=true', '--name=y']) == {'lr': 2.0, 'n': 3, 'on': True, 'name': 'y'}
-    for bad, msg in ((['--nope=1'], 'unknown config key'), (['--n=1.5'], 'expected int'), (['n=2'], 'bad argument'), (['--on=maybe'], 'True or False')):
-        with pytest.raises(SystemExit, match=msg): configure(g, list(g)[1:], bad)
+    rules = {'n': 'v >= 1', 'name': ('x', 'y')}
+    got = configure(g, list(g)[1:], rules, ['--lr=2', '--on=true', '--name=y'])
+    assert got == {'lr': 2.0, 'n': 3, 'on': True, 'name': 'y'}
+    for bad, msg in ((['--nope=1'], 'unknown config key'), (['--n=1.5'], 'expected int'),
+                     (['n=2'], 'bad argument'), (['--on=maybe'], 'True or False'),
+                     (['--lr=nan'], 'finite'), (['--n=0'], 'valid is n >= 1'),
+                     (['--name=z'], 'valid are x, y')):
+        with pytest.raises(SystemExit, match=msg):
+            configure(dict(g), list(g)[1:], rules, bad)
 
+# an out-of-range value for every numeric key of each script; None: the range depends on the
+# model or the data, so it is checked once they are loaded (the *_bad_input tests run those)
+BAD = {capture: {'layer': None, 'ctx_len': None, 'max_tokens': 0, 'batch_size': 0,
+                 'log_seconds': 0, 'bench': -1, 'dtype': 'int8'},
+       sae_script: {'expansion': 0, 'n_latents': -1, 'k': None, 'batch_size': 0, 'max_iters': 0,
+                    'learning_rate': -0.1, 'lr_mult': 0, 'warmup_iters': -1, 'decay_frac': 1.5,
+                    'grad_clip': 0, 'auxk_coef': -1, 'k_aux': -1, 'dead_tokens': -1,
+                    'val_frac': 1, 'eval_interval': 0, 'log_interval': 0, 'ckpt_interval': 0,
+                    'seed': -1, 'd_model': 0, 'dtype': 'float16', 'init_from': 'x'},
+       steer: {'eval_tokens': 0, 'latent': -2, 'strength': 'inf', 'max_new_tokens': 0,
+               'temperature': -1, 'seed': -1, 'top_latents': 0, 'browse_latents': -1,
+               'n_examples': 0, 'batch_size': 0, 'mode': 'push'}}
+
+@pytest.mark.parametrize('script', BAD, ids=lambda m: m.__name__)
+def test_every_numeric_key_is_range_checked(script, tmp_path):
+    """Each numeric key has a bad value in the table (a new key without one fails here), and
+    each bad value ends configure with one line naming the key; as a real run: exit 1, one
+    line, and no out_dir created (the check comes before any work)."""
+    numeric = {k for k in script.config_keys if type(getattr(script, k)) in (int, float)}
+    assert numeric <= set(BAD[script])
+    for key, bad in BAD[script].items():
+        if bad is not None:
+            with pytest.raises(SystemExit, match=f'^--{key}=') as e:
+                configure(dict(vars(script)), script.config_keys, script.rules, [f'--{key}={bad}'])
+            assert '\n' not in str(e.value.code)
+    key = next(k for k, v in BAD[script].items() if v is not None)
+    out = tmp_path / 'out'
+    args = [f'{script.__name__}.py', f'--{key}={BAD[script][key]}']
+    if 'out_dir' in script.config_keys:
+        args.append(f'--out_dir={out}')
+    fails(args, f'--{key}=')
+    assert not out.exists()
+
+@pytest.mark.parametrize('script', ['capture.py', 'sae.py', 'steer.py'])
+def test_a_missing_device_is_one_line(script, tmp_path):
+    """A GPU index beyond the ones present (always missing, with or without CUDA)."""
+    gone = f'cuda:{torch.cuda.device_count()}'
+    args = [script, f'--device={gone}']
+    if script != 'steer.py':
+        args.append(f'--out_dir={tmp_path / "o"}')
+    err = fails(args, 'this machine has cpu')
+    assert f'--device={gone}' in err and not (tmp_path / 'o').exists()
+
+# ----------------------------------------------------------------------------- capture
 def test_capture_rows_are_the_residual_stream_of_their_tokens(tiny):
-    """Every row is hidden_states[layer + 1] of its context at its position; contexts are exactly the documents cut
-    into 32-token pieces, position 0 excluded and recorded, no padding stored."""
+    """Every row is hidden_states[layer + 1] of its context at its position (HF's own output);
+    contexts are exactly the documents cut into 32-token pieces, position 0 excluded and
+    recorded, no padding stored."""
     lm, tok, cap = load_lm(tiny['model']), tiny['tok'], tiny['cap']
-    acts, tokens, ctx, pos, first = (np.load(os.path.join(cap, f + '.npy')) for f in ('acts', 'tokens', 'ctx', 'pos', 'first'))
+    acts, tokens, ctx, pos, first = (np.load(os.path.join(cap, f + '.npy'))
+                                     for f in ('acts', 'tokens', 'ctx', 'pos', 'first'))
     meta = json.load(open(os.path.join(cap, 'meta.json')))
-    assert meta['excluded'] == 'position 0 of every context' and meta['hook'] == 'model.layers.1' and acts.shape == (meta['N'], 64)
+    assert meta['excluded'] == 'position 0 of every context' and meta['hook'] == 'model.layers.1'
+    assert acts.shape == (meta['N'], 64)
     got = []
     for c in range(ctx.max() + 1):
         rows = np.nonzero(ctx == c)[0]
@@ -89,10 +165,14 @@ def test_capture_rows_are_the_residual_stream_of_their_tokens(tiny):
         hs = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states
         torch.testing.assert_close(torch.from_numpy(acts[rows]), hs[2][0, 1:], atol=1e-5, rtol=1e-5)
         got.append(ids)
-    want = [ids[s:s + 32] for d in tiny['docs'] for ids in [tok(d).input_ids] for s in range(0, len(ids), 32) if len(ids[s:s + 32]) > 1]
+    # the truth: the tokenizer's ids of each document, cut every 32 tokens
+    want = [ids[s:s + 32] for d in tiny['docs'] for ids in [tok(d).input_ids]
+            for s in range(0, len(ids), 32) if len(ids[s:s + 32]) > 1]
     assert sorted(got) == sorted(want) and len(acts) == sum(len(w) - 1 for w in want)
 
 def test_hook_stops_the_forward_and_last_block_is_before_final_norm(tiny):
+    """The hooked block's output equals hidden_states[layer + 1], and later blocks never run; the
+    last block's output is HF's last hidden state before the final norm."""
     lm = load_lm(tiny['model'])
     ids = torch.tensor([tiny['tok'](tiny['docs'][0]).input_ids[:20]])
     hs = lm(ids, output_hidden_states=True).hidden_states
@@ -100,36 +180,56 @@ def test_hook_stops_the_forward_and_last_block_is_before_final_norm(tiny):
     calls = []
     blist[2].register_forward_hook(lambda *a: calls.append(1))
     torch.testing.assert_close(run_to_layer(lm, blist[1], ids), hs[2])
-    assert calls == []  # blocks after the hooked one never ran
-    n_hooks = len(blist[1]._forward_hooks)  # transformers keeps hooks of its own there
-    with pytest.raises(IndexError): run_to_layer(lm, blist[1], ids + 10_000)  # a forward that fails leaves no hook behind
+    assert calls == []
+    # a forward that fails leaves no hook behind (transformers keeps hooks of its own there)
+    n_hooks = len(blist[1]._forward_hooks)
+    with pytest.raises(IndexError):
+        run_to_layer(lm, blist[1], ids + 10_000)
     assert len(blist[1]._forward_hooks) == n_hooks
-    last = run_to_layer(lm, blist[3], ids)  # HF's last hidden state has the final norm applied; the block output has not
-    assert not torch.allclose(last, hs[4], atol=1e-3) and torch.allclose(lm.model.norm(last), hs[4], atol=1e-5)
+    last = run_to_layer(lm, blist[3], ids)
+    assert not torch.allclose(last, hs[4], atol=1e-3)
+    assert torch.allclose(lm.model.norm(last), hs[4], atol=1e-5)
 
 def test_capture_resume_is_byte_identical_and_refuses_other_configs(tiny, tmp_path):
-    """A kill leaves some batches flagged done and others unflagged, maybe with rows already (half) written."""
+    """A kill leaves some batches flagged done and others unflagged, maybe with rows already
+    (half) written: the resumed capture equals the uninterrupted one byte for byte."""
     out = tmp_path / 'cap'
     shutil.copytree(tiny['cap'], out)
     done = np.load(out / 'done.npy')
     done[1::2] = 0  # odd batches unflagged, their rows (contexts 4b..4b+3) garbage
     np.save(out / 'done.npy', done)
-    a = np.load(out / 'acts.npy', mmap_mode='r+'); a[np.load(out / 'ctx.npy') // 4 % 2 == 1] = np.nan; a.flush(); del a
+    a = np.load(out / 'acts.npy', mmap_mode='r+')
+    a[np.load(out / 'ctx.npy') // 4 % 2 == 1] = np.nan
+    a.flush()
+    del a
     os.remove(out / 'meta.json')
     run('capture.py', *tiny['cap_args'], f'--out_dir={out}')
-    for f in os.listdir(tiny['cap']):  # all but the measured speed in meta.json
-        same = lambda p: open(p, 'rb').read() if f != 'meta.json' else {**json.load(open(p)), 'tokens_per_s': 0}
+    # every file but the lock (its holder's pid) and the measured speed in meta.json
+    for f in set(os.listdir(tiny['cap'])) - {'lock'}:
+        if f == 'meta.json':
+            same = lambda p: {**json.load(open(p)), 'tokens_per_s': 0}
+        else:
+            same = lambda p: open(p, 'rb').read()
         assert same(out / f) == same(os.path.join(tiny['cap'], f)), f
     fails(['capture.py', *tiny['cap_args'], '--layer=2', f'--out_dir={out}'], 'holds a different capture')
 
 def test_capture_torchrun_gloo_holds_the_same_rows(tiny, tmp_path):
-    run('capture.py', *tiny['cap_args'], f'--out_dir={tmp_path}', nproc=2)
-    for f in ('acts.npy', 'tokens.npy', 'ctx.npy', 'pos.npy', 'first.npy'):
+    """Two gloo ranks put every row where one process does: tokens, contexts, positions and first
+    tokens byte-identical. Activations agree to the storage dtype's precision (float16 here: at
+    most one unit in the last place from the one-process float32 values): torchrun gives each
+    rank one BLAS thread, and BLAS sums differ in the last bits across thread counts."""
+    run('capture.py', *tiny['cap_args'], '--dtype=float16', f'--out_dir={tmp_path}', nproc=2)
+    for f in ('tokens.npy', 'ctx.npy', 'pos.npy', 'first.npy'):
         assert (tmp_path / f).read_bytes() == open(os.path.join(tiny['cap'], f), 'rb').read(), f
+    two = np.load(tmp_path / 'acts.npy').astype(np.float32)
+    one = np.load(os.path.join(tiny['cap'], 'acts.npy')).astype(np.float16).astype(np.float32)
+    ulp = np.maximum(np.spacing(np.abs(one).astype(np.float16)), np.spacing(np.abs(two).astype(np.float16)))
+    assert two.shape == one.shape and (np.abs(two - one) <= ulp).all()
 
 def test_capture_bad_input(tiny, tmp_path):
     out, m, c = str(tmp_path / 'o'), f'--model={tiny["model"]}', f'--data={tiny["corpus"]}'
-    os.makedirs(tmp_path / 'empty'); (tmp_path / 'empty' / 'a.txt').write_text('  \n')
+    os.makedirs(tmp_path / 'empty')
+    (tmp_path / 'empty' / 'a.txt').write_text('  \n')
     (tmp_path / 'latin1.txt').write_bytes('caf\xe9 au lait'.encode('latin1'))
     fails(['capture.py', m, '--data=/no/such/corpus', f'--out_dir={out}'], 'no corpus at', out)
     fails(['capture.py', m, f'--data={tmp_path / "empty"}', f'--out_dir={out}'], 'holds no text', out)
@@ -137,23 +237,48 @@ def test_capture_bad_input(tiny, tmp_path):
     fails(['capture.py', m, c, '--layer=4', f'--out_dir={out}'], 'blocks 0..3', out)
     fails(['capture.py', m, c, '--layer=1', '--ctx_len=100000', f'--out_dir={out}'], 'valid is 2..256', out)
     fails(['capture.py', '--model=/no/such/model', c, f'--out_dir={out}'], 'pass a local folder', out)
-    lm = load_lm(tiny['model'])  # a model whose residual stream overflows float16
-    with torch.no_grad(): lm.model.embed_tokens.weight *= 1e6
-    lm.save_pretrained(tmp_path / 'big'); tiny['tok'].save_pretrained(tmp_path / 'big')
-    fails(['capture.py', f'--model={tmp_path / "big"}', c, '--layer=0', f'--out_dir={out}'], 'rerun with --dtype=float32', out)
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(tmp_path / 'full')], capture_output=True,
-                      preexec_fn=lambda: os.makedirs(tmp_path / 'full', exist_ok=True)).returncode == 0:
-        try: fails(['capture.py', m, c, '--layer=1', f'--out_dir={tmp_path / "full"}'], 'free disk space', str(tmp_path / 'full'))
-        finally: subprocess.run(['umount', str(tmp_path / 'full')])
+    # a model whose residual stream overflows float16
+    lm = load_lm(tiny['model'])
+    with torch.no_grad():
+        lm.model.embed_tokens.weight *= 1e6
+    lm.save_pretrained(tmp_path / 'big')
+    tiny['tok'].save_pretrained(tmp_path / 'big')
+    fails(['capture.py', f'--model={tmp_path / "big"}', c, '--layer=0', f'--out_dir={out}'],
+          'rerun with --dtype=float32', out)
+    # a disk too small for acts.npy: a 64 KiB tmpfs, where this machine lets the test mount one
+    full = tmp_path / 'full'
+    os.makedirs(full)
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(full)]).returncode == 0:
+        try:
+            fails(['capture.py', m, c, '--layer=1', f'--out_dir={full}'], 'free disk space', str(full),
+                  leaves=['acts.npy', 'plan.json'])
+        finally:
+            subprocess.run(['umount', str(full)])
 
-# ----------------------------------------------------------------------------- the SAE (shared/CHECKLIST.md 1-10)
+def test_a_capture_cut_short_is_named_with_the_command_that_recaptures_it(tiny, trained, tmp_path):
+    """An acts.npy cut short (an interrupted copy) or an array of the wrong dtype: one line that
+    names the file and the capture.py command, before any training; nothing written."""
+    for name, damage in (('acts.npy', lambda p: os.truncate(p, os.path.getsize(p) - 1000)),
+                         ('ctx.npy', lambda p: np.save(p, np.load(p).astype(np.int64)))):
+        cap = tmp_path / name
+        shutil.copytree(tiny['cap'], cap)
+        damage(cap / name)
+        err = fails(['sae.py', f'--data_dir={cap}', f'--out_dir={tmp_path / "o"}'], f'{name} is damaged',
+                    str(tmp_path / 'o'), leaves=['ckpt.pt', 'sae_weights.safetensors'])
+        assert f'python capture.py --model={tiny["model"]}' in err and '--layer=1' in err
+
+# ----------------------------------------------------------------------------- the SAE (shared/CHECKLIST.md)
 def make(d=16, n=64, k=4, seed=0):
     torch.manual_seed(seed)
     sae = TopKSAE(d, n, k)
-    with torch.no_grad(): sae.b_dec.normal_(0, 2); sae.b_enc.normal_(0, 0.1)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 2)
+        sae.b_enc.normal_(0, 0.1)
     return sae, torch.randn(256, d) * 3 + 1
 
 def test_1_4_decoder_rows_unit_and_gradient_orthogonal_every_step():
+    """After every step each decoder row (one per latent, W_dec (n, d)) has unit norm, and the
+    gradient the step used had no component along its row."""
     sae, x = make()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     since = torch.zeros(64, dtype=torch.long)
@@ -162,189 +287,370 @@ def test_1_4_decoder_rows_unit_and_gradient_orthogonal_every_step():
         train_step(sae, opt, x, since, 1e-2, CFG)
         assert sae.W_dec.shape == (64, 16) and sae.W_enc.shape == (16, 64)
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
-        assert (sae.W_dec.grad * W_old).sum(1).abs().max() < 1e-6  # the step's gradient had no part along its row
+        assert (sae.W_dec.grad * W_old).sum(1).abs().max() < 1e-6
         assert (sae.W_dec.detach() - W_old).norm() > 0
 
 @pytest.mark.parametrize('device,n', [('cpu', 64), ('cpu', 2048)] + [('cuda', 2048)] * torch.cuda.is_available())
 def test_2_3_10_auxk_and_the_fast_path(device, n):
-    """AuxK has no b_dec and a detached residual; the fast path (our top-k at n=2048) equals dense autograd (float32, bf16)."""
+    """AuxK has no b_dec and a detached residual, against an independent computation of both
+    losses; the fast path (our top-k at n=2048) equals dense autograd (float32, and bf16)."""
     sae, x = (t.to(device) for t in make(n=n))
     dead = torch.arange(n, device=device) >= n // 2
     fvu, aux, vals, idx = losses(sae, x, dead, 8, fast=True)
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # an independent computation of both losses
-    v, i = pre.topk(4); recon = (v.relu()[..., None] * sae.W_dec[i]).sum(1) + sae.b_dec
-    av, ai = pre.masked_fill(~dead, -1e9).topk(8); e = x - recon
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    v, i = pre.topk(4)
+    recon = (v.relu()[..., None] * sae.W_dec[i]).sum(1) + sae.b_dec
+    av, ai = pre.masked_fill(~dead, -1e9).topk(8)
+    e = x - recon
     e_hat = (av.relu()[..., None] * sae.W_dec[ai]).sum(1)  # no b_dec
-    torch.testing.assert_close(fvu, (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum()); torch.testing.assert_close(sae.decode(*sae.encode(x)), recon)  # eval's path too
+    torch.testing.assert_close(fvu, (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    torch.testing.assert_close(sae.decode(*sae.encode(x)), recon)  # eval's path too
     torch.testing.assert_close(aux, ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum())
+    # the detached residual: aux gives no gradient to the live latents that fired
     aux.backward()
-    live_fired = torch.unique(idx[vals > 0]); live_fired = live_fired[~dead[live_fired]]
-    assert len(live_fired) and sae.W_dec.grad[live_fired].abs().max() == 0 and sae.enc.grad[live_fired].abs().max() == 0
+    live_fired = torch.unique(idx[vals > 0])
+    live_fired = live_fired[~dead[live_fired]]
+    assert len(live_fired) and sae.W_dec.grad[live_fired].abs().max() == 0
+    assert sae.enc.grad[live_fired].abs().max() == 0
     grads = {}
     for fast, bf16 in ((True, False), (False, False), (True, True), (False, True)):
         sae.zero_grad()
-        with torch.autocast(device, torch.bfloat16, enabled=bf16): f, a, _, _ = losses(sae, x, dead, 8, fast=fast)
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
+            f, a, _, _ = losses(sae, x, dead, 8, fast=fast)
         (f + a / 32).backward()
         grads[fast, bf16] = [f.detach(), a.detach()] + [p.grad.clone() for p in sae.parameters()]
-    for g_fast, g_dense in zip(grads[True, False], grads[False, False]): torch.testing.assert_close(g_fast, g_dense, rtol=1e-4, atol=1e-6)
-    for g_fast, g_dense in zip(grads[True, True], grads[False, True]):  # bf16 rounds pre: a near-tie may pick another latent
+    for g_fast, g_dense in zip(grads[True, False], grads[False, False]):
+        torch.testing.assert_close(g_fast, g_dense, rtol=1e-4, atol=1e-6)
+    # bf16 rounds pre: a near-tie may pick another latent, so a relative bound
+    for g_fast, g_dense in zip(grads[True, True], grads[False, True]):
         assert (g_fast - g_dense).norm() < (0.01 if g_fast.dim() == 0 else 0.1) * g_dense.norm()
 
 def test_topk_equals_torch_topk():
-    """The top-k through column maxima gives torch.topk's values: also with ties, AuxK's -inf mask, any width."""
+    """The top-k through column maxima gives torch.topk's values: also with ties, AuxK's -inf
+    mask, any width; and k distinct latents per row."""
     g = torch.Generator().manual_seed(0)
-    for pre in (torch.randn(64, 2048, generator=g), torch.randint(0, 6, (64, 2048), generator=g).float(), torch.randn(64, 1000, generator=g),
-                torch.randn(64, 2048, generator=g).masked_fill(torch.arange(2048) % 7 > 0, -math.inf)):
+    mask = torch.arange(2048) % 7 > 0
+    for pre in (torch.randn(64, 2048, generator=g), torch.randint(0, 6, (64, 2048), generator=g).float(),
+                torch.randn(64, 1000, generator=g), torch.randn(64, 2048, generator=g).masked_fill(mask, -math.inf)):
         vals, idx = topk(pre, 16)
-        assert torch.equal(vals.sort(1).values, pre.topk(16).values.sort(1).values) and torch.equal(pre.gather(1, idx), vals) \
-            and (idx.sort(1).values.diff(dim=1) > 0).all()  # 16 distinct latents per row
+        assert torch.equal(vals.sort(1).values, pre.topk(16).values.sort(1).values)
+        assert torch.equal(pre.gather(1, idx), vals) and (idx.sort(1).values.diff(dim=1) > 0).all()
 
 def test_5_dead_latents_are_counted_in_tokens():
-    """Latent j fires until token 128 * j; with dead_tokens = 640, two batch sizes give the same dead set."""
+    """Latent j fires until token 128 * j; with dead_tokens = 640, two batch sizes give the same
+    dead set, the one computed by hand."""
     T, n = 2048, 16
     fires = torch.arange(T)[:, None] < 128 * torch.arange(n)[None]  # (T, n)
     result = []
     for B in (64, 128):
         since = torch.zeros(n, dtype=torch.long)
         for s in range(0, T, B):
-            vals = fires[s:s + B].float(); update_dead(since, vals, torch.arange(n).expand(B, n), B)
+            update_dead(since, fires[s:s + B].float(), torch.arange(n).expand(B, n), B)
         result.append(since >= 640)
-    assert torch.equal(result[0], result[1]) and result[0].tolist() == [j * 128 <= T - 640 for j in range(n)]
+    assert torch.equal(result[0], result[1])
+    assert result[0].tolist() == [j * 128 <= T - 640 for j in range(n)]
 
 def test_6_fvu_uses_the_global_mean():
+    """Predicting the global mean gives FVU 1 (batch means differ, so a per-batch mean gives
+    another answer); a perfect reconstruction gives 0."""
     sae, _ = make(n=32, k=16)
-    batches = [torch.randn(100, 16) + 5 * i for i in range(4)]  # batch means differ: a per-batch mean gives another answer
-    with torch.no_grad(): sae.W_enc.zero_(); sae.b_enc.zero_(); sae.b_dec.copy_(torch.cat(batches).mean(0))
-    assert abs(evaluate(sae, batches)['fvu'] - 1) < 1e-6  # predicting the global mean
-    ident = TopKSAE(16, 32, 16)  # +e_i and -e_i as latents: exactly one of each pair is positive, so recon = x
+    batches = [torch.randn(100, 16) + 5 * i for i in range(4)]
     with torch.no_grad():
-        ident.W_dec.copy_(torch.cat([torch.eye(16), -torch.eye(16)])); ident.W_enc.copy_(ident.W_dec.T); ident.b_dec.zero_()
+        sae.W_enc.zero_()
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(torch.cat(batches).mean(0))
+    assert abs(evaluate(sae, batches)['fvu'] - 1) < 1e-6
+    # +e_i and -e_i as latents: exactly one of each pair is positive, so recon = x
+    ident = TopKSAE(16, 32, 16)
+    with torch.no_grad():
+        ident.W_dec.copy_(torch.cat([torch.eye(16), -torch.eye(16)]))
+        ident.W_enc.copy_(ident.W_dec.T)
+        ident.b_dec.zero_()
     assert evaluate(ident, batches)['fvu'] < 1e-10
 
 def test_7_8_saved_sae_folds_the_scale_and_round_trips(tmp_path):
+    """The saved SAE on raw x gives recon / s of the training SAE on s*x; loading twice gives the
+    same bits; k, the scale, the layer and the model are in the file, in SAELens's layout."""
     sae, x = make()
     s = 0.37
-    save_sae(sae, s, str(tmp_path), {'model': 'm', 'layer': 3, 'hook': 'model.layers.3', 'ctx_len': 32})
+    save_sae(sae, s, str(tmp_path), {'model': 'm', 'layer': 3, 'hook': 'model.layers.3',
+                                     'ctx_len': 32, 'n_latents': 64})
     loaded, info = load_sae(str(tmp_path))
-    v1, i1 = loaded.encode(x); v0, i0 = sae.encode(s * x)
+    v1, i1 = loaded.encode(x)
+    v0, i0 = sae.encode(s * x)
     torch.testing.assert_close(loaded(x), sae(s * x) / s, rtol=1e-4, atol=1e-5)
     assert torch.equal(i1, i0) and torch.allclose(v1, v0 / s, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), loaded.W_dec.norm(dim=1))
     again, _ = load_sae(str(tmp_path))
-    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), again.parameters())) and torch.equal(loaded(x), again(x))
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), again.parameters()))
+    assert torch.equal(loaded(x), again(x))
     with safe_open(str(tmp_path / 'sae_weights.safetensors'), 'pt') as f:
         m = f.metadata()
-        assert (m['k'], float(m['scale']), m['layer'], m['model']) == ('4', s, '3', 'm') and f.get_tensor('W_enc').shape == (16, 64)
-    cfg = json.load(open(tmp_path / 'cfg.json'))  # SAELens's TopK layout
+        assert (m['k'], float(m['scale']), m['layer'], m['model']) == ('4', s, '3', 'm')
+        assert f.get_tensor('W_enc').shape == (16, 64)
+    cfg = json.load(open(tmp_path / 'cfg.json'))
     assert (cfg['architecture'], cfg['d_in'], cfg['d_sae'], cfg['k']) == ('topk', 16, 64, 4)
 
-def test_planted_dictionary_is_recovered():
-    """Sparse non-negative combinations of 64 known unit directions: the SAE finds at least 90% of them."""
+def test_a_damaged_sae_file_is_one_line(tmp_path):
+    """An SAE file cut short, or whose tensors do not fit its metadata, ends load_sae with one
+    line that says how to retrain it."""
+    sae, _ = make()
+    info = {'model': 'm', 'layer': 3, 'hook': 'h', 'ctx_len': 32, 'n_latents': 64}
+    save_sae(sae, 1.0, str(tmp_path / 'cut'), info)
+    f = tmp_path / 'cut' / 'sae_weights.safetensors'
+    os.truncate(f, os.path.getsize(f) // 2)
+    save_sae(sae, 1.0, str(tmp_path / 'wrong'), {**info, 'n_latents': 65})
+    for name in ('cut', 'wrong'):
+        with pytest.raises(SystemExit, match='is not a whole nanoSAE file') as e:
+            load_sae(str(tmp_path / name))
+        assert '\n' not in str(e.value.code) and 'python sae.py' in str(e.value.code)
+
+def test_11_the_optimizer_has_no_weight_decay():
+    """A step whose gradients are all zero leaves every weight unchanged (Adam's update is
+    m / sqrt(v) = 0; any weight decay would shrink the weights)."""
+    sae, _ = make()
+    opt = make_optimizer(sae, 1e-2)
+    before = [p.detach().clone() for p in sae.parameters()]
+    for p in sae.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(sae.parameters(), before))
+
+def test_12_b_dec_starts_at_the_geometric_median():
+    """On a sample with a few far outliers, the initial b_dec equals an independent Weiszfeld
+    computation (numpy, float64) on the scaled sample, and is far from the mean."""
     g = torch.Generator().manual_seed(0)
-    true = torch.randn(64, 32, generator=g); true /= true.norm(dim=1, keepdim=True)
+    x = torch.randn(2000, 8, generator=g) + 3
+    x[:20] += 1000
+    sae = TopKSAE(8, 32, 4)
+    s = init_from_data(sae, x)
+    assert abs(s - math.sqrt(8 / x.double().pow(2).sum(1).mean().item())) < 1e-6 * s
+    y = (x.double() * s).numpy()
+    m = np.median(y, 0)
+    for _ in range(500):
+        w = 1 / np.linalg.norm(y - m, axis=1).clip(1e-12)
+        m = (w[:, None] * y).sum(0) / w.sum()
+    b = sae.b_dec.detach().double().numpy()
+    assert np.abs(b - m).max() < 1e-4 * np.abs(m).max()
+    assert np.abs(b - y.mean(0)).max() > 100 * np.abs(b - m).max()
+
+def test_planted_dictionary_is_recovered():
+    """Sparse non-negative combinations of 64 known unit directions: the SAE finds at least 90%
+    of them (cosine > 0.9 with some decoder row)."""
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(64, 32, generator=g)
+    true /= true.norm(dim=1, keepdim=True)
+
     def data(B):
-        z = torch.zeros(B, 64).scatter_(1, torch.rand(B, 64, generator=g).topk(3).indices, torch.rand(B, 3, generator=g) + 0.5)
+        which = torch.rand(B, 64, generator=g).topk(3).indices
+        z = torch.zeros(B, 64).scatter_(1, which, torch.rand(B, 3, generator=g) + 0.5)
         return z @ true + 0.01 * torch.randn(B, 32, generator=g)
-    torch.manual_seed(0); sae = TopKSAE(32, 128, 3)
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 128, 3)
     opt, since = torch.optim.Adam(sae.parameters(), lr=3e-3), torch.zeros(128, dtype=torch.long)
-    for i in range(1500): train_step(sae, opt, data(512), since, 3e-3 * min(1, (1500 - i) / 300), {**CFG, 'dead_tokens': 50_000})
+    for i in range(1500):
+        train_step(sae, opt, data(512), since, 3e-3 * min(1, (1500 - i) / 300), {**CFG, 'dead_tokens': 50_000})
     assert (true @ sae.W_dec.detach().T).max(1).values.gt(0.9).float().mean() >= 0.9
 
 def test_9_torchrun_gloo_equals_one_process(tiny, tmp_path):
-    args = [f'--data_dir={tiny["cap"]}', '--n_latents=256', '--k=8', '--max_iters=30', '--dead_tokens=1500', '--warmup_iters=5']
+    """2 gloo ranks with batch 64 each give the weights of one process with batch 128 (and the
+    script itself asserts that both ranks end with identical weights)."""
+    args = [f'--data_dir={tiny["cap"]}', '--n_latents=256', '--k=8', '--max_iters=30',
+            '--dead_tokens=1500', '--warmup_iters=5']
     run('sae.py', *args, '--batch_size=128', f'--out_dir={tmp_path / "one"}')
-    run('sae.py', *args, '--batch_size=64', f'--out_dir={tmp_path / "two"}', nproc=2)  # asserts identical weights on both ranks
+    run('sae.py', *args, '--batch_size=64', f'--out_dir={tmp_path / "two"}', nproc=2)
     a, b = load_sae(str(tmp_path / 'one'))[0], load_sae(str(tmp_path / 'two'))[0]
-    for p, q in zip(a.parameters(), b.parameters()): torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 def test_resume_after_kill_equals_uninterrupted(tiny, tmp_path):
-    args = ['sae.py', f'--data_dir={tiny["cap"]}', '--n_latents=512', '--k=8', '--batch_size=256', '--max_iters=400', '--ckpt_interval=20', '--dead_tokens=3000']
+    """kill -9 after the first checkpoint, rerun: the same weights as a run never interrupted
+    (same machine, same threads)."""
+    args = ['sae.py', f'--data_dir={tiny["cap"]}', '--n_latents=512', '--k=8', '--batch_size=256',
+            '--max_iters=400', '--ckpt_interval=20', '--dead_tokens=3000']
     run(*args, f'--out_dir={tmp_path / "a"}')
-    p = subprocess.Popen([sys.executable] + args + [f'--out_dir={tmp_path / "b"}'], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (tmp_path / 'b' / 'ckpt.pt').exists() and p.poll() is None: time.sleep(0.005)
-    p.send_signal(signal.SIGKILL); p.wait()
+    p = subprocess.Popen(command(*args, f'--out_dir={tmp_path / "b"}'), cwd=REPO, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (tmp_path / 'b' / 'ckpt.pt').exists() and p.poll() is None:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
     assert not (tmp_path / 'b' / 'sae_weights.safetensors').exists()  # it really was interrupted
     assert 'resuming from' in run(*args, f'--out_dir={tmp_path / "b"}').stdout
-    for p, q in zip(load_sae(str(tmp_path / 'a'))[0].parameters(), load_sae(str(tmp_path / 'b'))[0].parameters()): torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    a, b = load_sae(str(tmp_path / 'a'))[0], load_sae(str(tmp_path / 'b'))[0]
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 def test_sae_bad_input(tiny, trained, tmp_path):
     cap, out = tiny['cap'], f'--out_dir={tmp_path / "o"}'
     fails(['sae.py', f'--data_dir={tmp_path / "none"}', out], 'python capture.py --out_dir=')
-    shutil.copytree(cap, tmp_path / 'partial'); os.remove(tmp_path / 'partial' / 'meta.json')
+    shutil.copytree(cap, tmp_path / 'partial')
+    os.remove(tmp_path / 'partial' / 'meta.json')
     fails(['sae.py', f'--data_dir={tmp_path / "partial"}', out], 'unfinished capture')
     fails(['sae.py', f'--data_dir={cap}', '--k=0', out], 'valid is 1..')
     fails(['sae.py', f'--data_dir={cap}', '--dtype=float16', out], 'valid are float32, bfloat16')
     fails(['sae.py', f'--data_dir={cap}', '--batch_size=100000', out], 'lower --batch_size')
     shutil.copytree(cap, tmp_path / 'nan')
-    a = np.load(tmp_path / 'nan' / 'acts.npy', mmap_mode='r+'); a[7, 3] = np.inf; a.flush(); del a
+    a = np.load(tmp_path / 'nan' / 'acts.npy', mmap_mode='r+')
+    a[7, 3] = np.inf
+    a.flush()
+    del a
     fails(['sae.py', f'--data_dir={tmp_path / "nan"}', '--batch_size=64', out], 'at row 7')
     fails(['sae.py', f'--data_dir={cap}', f'--out_dir={trained}', '--n_latents=256', '--k=9'], 'different config')
 
+def test_a_cut_short_checkpoint_is_one_line_and_kept(tiny, trained, tmp_path):
+    """A ckpt.pt cut short: one line with both ways out; the checkpoint and the SAE stay."""
+    out = tmp_path / 'sae'
+    shutil.copytree(trained, out)
+    os.truncate(out / 'ckpt.pt', os.path.getsize(out / 'ckpt.pt') // 2)
+    cut = (out / 'ckpt.pt').read_bytes()
+    err = fails(['sae.py', f'--data_dir={tiny["cap"]}', f'--out_dir={out}', *SAE_ARGS], 'ckpt.pt is damaged')
+    assert '--init_from=scratch' in err and '--out_dir' in err
+    assert (out / 'ckpt.pt').read_bytes() == cut and (out / 'sae_weights.safetensors').exists()
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tiny, tmp_path):
+    """The disk fills while the second checkpoint is written: one line, no .tmp left, and the
+    first checkpoint whole. A tmpfs with room for one checkpoint and a half; where mounting is not
+    allowed, ckpt.pt.tmp is a link to /dev/full (writes there fail with ENOSPC)."""
+    args = ['sae.py', f'--data_dir={tiny["cap"]}', '--n_latents=256', '--k=8', '--batch_size=128',
+            '--max_iters=40', '--ckpt_interval=20', '--log_interval=100']
+    run(*args, f'--out_dir={tmp_path / "probe"}')
+    size = os.path.getsize(tmp_path / 'probe' / 'ckpt.pt')
+    out = tmp_path / 'full'
+    os.makedirs(out)
+    mount = ['mount', '-t', 'tmpfs', '-o', f'size={int(size * 1.5) + 65536}', 'tmpfs', str(out)]
+    mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    if not mounted:
+        os.symlink('/dev/full', out / 'ckpt.pt.tmp')
+    try:
+        err = fails([*args, f'--out_dir={out}'], 'No space left on device', str(out),
+                    leaves=['ckpt.pt.tmp', 'sae_weights.safetensors'])
+        assert 'cannot write' in err and 'ckpt.pt' in err and 'MiB' in err
+        # the previous good state: the step-20 checkpoint, whole (nothing, with the link)
+        if mounted:
+            assert torch.load(out / 'ckpt.pt', weights_only=False)['iter'] == 20
+    finally:
+        if mounted:
+            subprocess.run(['umount', str(out)])
+
+def test_two_runs_into_one_folder(tiny, tmp_path):
+    """A second capture or training into a folder that a running one holds refuses at the start,
+    naming the holder; the holder is paused (SIGSTOP) so it cannot finish first. After a kill -9
+    the lock it held is gone and the next run goes ahead."""
+    cap, out = tmp_path / 'cap', tmp_path / 'sae'
+    jobs = {cap: ['capture.py', *tiny['cap_args'], f'--out_dir={cap}'],
+            out: ['sae.py', f'--data_dir={tiny["cap"]}', f'--out_dir={out}', *SAE_ARGS]}
+    for folder, args in jobs.items():
+        first = subprocess.Popen(command(*args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL)
+        while not (folder / 'lock').exists() or (folder / 'lock').read_text() != str(first.pid):
+            assert first.poll() is None
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        before = sorted(os.listdir(folder))
+        fails(args, f'is in use by process {first.pid}')
+        assert sorted(os.listdir(folder)) == before
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        run(*args)
+    assert (cap / 'meta.json').exists() and (out / 'sae_weights.safetensors').exists()
+
 # ----------------------------------------------------------------------------- steering and evaluation
 def test_steering_hooks(tiny, trained):
+    """Strength 0 (or an identity hook) gives the clean logits bit for bit; clamping a latent to
+    its own value changes nothing; the hook acts on tokens generated with the KV cache."""
     lm, (sae, info) = load_lm(tiny['model']), load_sae(trained)
     block = blocks(lm)[1][1]
     ids = torch.tensor([tiny['tok'](tiny['docs'][1]).input_ids[:24]])
     clean = lm(ids).logits
     for fn in (steer_fn(sae, 5, 0.0, 'add'), lambda h: h):
-        h = attach(block, fn); assert torch.equal(lm(ids).logits, clean); h.remove()
+        h = attach(block, fn)
+        assert torch.equal(lm(ids).logits, clean)
+        h.remove()
     assert torch.equal(lm(ids).logits, clean)
-    x = run_to_layer(lm, block, ids)[0, 1:]  # clamping a latent to its current value changes nothing
+    x = run_to_layer(lm, block, ids)[0, 1:]
     vals, idx = sae.encode(x)
     i, f = idx[0, vals[0].argmax()].item(), vals[0].max().item()
     torch.testing.assert_close(steer_fn(sae, i, f, 'clamp')(x[:1]), x[:1])
-    seen = []  # the hook acts on tokens generated with the KV cache (seq_len 1 steps)
+    # every seq_len-1 step of generate: the block's output moved by exactly 3 * d_i
+    seen = []
     h1 = attach(block, lambda h: seen.append(h) or steer_fn(sae, i, 3.0, 'add')(h))
     h2 = block.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
-    lm.generate(ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0); h1.remove(); h2.remove()
+    lm.generate(ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    h1.remove()
+    h2.remove()
     steps = [(seen[j], seen[j + 1]) for j in range(0, len(seen), 2) if seen[j].shape[1] == 1]
-    assert len(steps) == 3 and all(torch.allclose(post - pre, 3.0 * sae.W_dec[i].detach()) for pre, post in steps)
+    assert len(steps) == 3
+    assert all(torch.allclose(post - pre, 3.0 * sae.W_dec[i].detach()) for pre, post in steps)
 
 def test_loss_recovered(tiny, trained):
+    """With the error term added back the CE is the clean CE (to float error); the SAE changes the
+    output distribution (KL > 0) and closes most of the gap to zero-ablation, by its formula."""
     lm, (sae, info) = load_lm(tiny['model']), load_sae(trained)
     ctxs = [np.array(tiny['tok'](d).input_ids[:32], np.int32) for d in tiny['docs'][:12]]
     r = evaluate_lm(lm, blocks(lm)[1][1], sae, ctxs, 1, 4, 'cpu')
-    assert abs(r['ce_spliced+error'] - r['ce_clean']) < 1e-4 and r['ce_clean'] < r['ce_spliced'] < r['ce_zero_ablated'] and r['kl'] > 0 and 0 < r['loss_recovered_pct'] < 100
+    assert abs(r['ce_spliced+error'] - r['ce_clean']) < 1e-4
+    assert r['kl'] > 0 and r['ce_clean'] < r['ce_zero_ablated'] and r['ce_spliced'] < r['ce_zero_ablated']
+    # not ce_clean < ce_spliced: on 12 short documents the SAE can land a hair on either side of
+    # the clean CE (0.0013 nats below on an EPYC, with the old code and this one alike)
+    gap = r['ce_zero_ablated'] - r['ce_clean']
+    want = 100 * (r['ce_zero_ablated'] - r['ce_spliced']) / gap
+    assert abs(r['loss_recovered_pct'] - want) < 1e-6 and r['loss_recovered_pct'] > 90
 
 def test_browser_page_shows_each_latents_top_contexts(tiny, trained):
+    """Each card's top context marks the token of the capture row where the latent is largest,
+    computed here from the capture directly."""
     run('steer.py', f'--sae_path={trained}', '--browse=True', '--browse_latents=20', '--n_examples=3')
     sae, info = load_sae(trained)
+
     class Page(html.parser.HTMLParser):
         latents, stack = {}, []
+
         def handle_starttag(self, tag, attrs):
             a = dict(attrs)
-            if a.get('class') == 'latent': self.cur = int(a['id'][1:]); self.latents[self.cur] = []
-            if tag == 'li': self.latents[self.cur].append([])
+            if a.get('class') == 'latent':
+                self.cur = int(a['id'][1:])
+                self.latents[self.cur] = []
+            if tag == 'li':
+                self.latents[self.cur].append([])
             self.stack.append(tag)
-        def handle_endtag(self, tag): self.stack.pop()
+
+        def handle_endtag(self, tag):
+            self.stack.pop()
+
         def handle_data(self, data):
-            if self.stack and self.stack[-1] == 'mark': self.latents[self.cur][-1].append(data)
-    page = Page(); page.feed(open(os.path.join(trained, 'browser.html')).read())
-    vals, idx = sae.encode(read_rows(os.path.join(tiny['cap'], 'acts.npy'), np.arange(json.load(open(os.path.join(tiny['cap'], 'meta.json')))['N'])))
+            if self.stack and self.stack[-1] == 'mark':
+                self.latents[self.cur][-1].append(data)
+    page = Page()
+    page.feed(open(os.path.join(trained, 'browser.html')).read())
+    N = json.load(open(os.path.join(tiny['cap'], 'meta.json')))['N']
+    vals, idx = sae.encode(read_rows(os.path.join(tiny['cap'], 'acts.npy'), np.arange(N)))
     z = torch.zeros(len(vals), 256).scatter_(1, idx, vals)
     tokens = np.load(os.path.join(tiny['cap'], 'tokens.npy'))
     assert len(page.latents) == 20
     for i, examples in page.latents.items():
-        assert examples and all(len(marks) == 1 for marks in examples)  # one highlighted token per context
-        assert examples[0][0] == tiny['tok'].decode([int(tokens[z[:, i].argmax()])])  # the top context holds the top row's token
+        assert examples and all(len(marks) == 1 for marks in examples)  # one marked token each
+        assert examples[0][0] == tiny['tok'].decode([int(tokens[z[:, i].argmax()])])
 
 def test_steer_bad_input(tiny, trained, tmp_path):
     fails(['steer.py', f'--sae_path={tmp_path}'], 'no SAE at')
     fails(['steer.py', f'--sae_path={trained}', '--prompt=hi', '--latent=256'], 'latents 0..255')
     fails(['steer.py', f'--sae_path={trained}', '--prompt= '], '--prompt is empty')
     sae, info = load_sae(trained)
-    save_sae(TopKSAE(32, 64, 4), 1.0, str(tmp_path / 'narrow'), info)
+    save_sae(TopKSAE(32, 64, 4), 1.0, str(tmp_path / 'narrow'), {**info, 'n_latents': 64})
     fails(['steer.py', f'--sae_path={tmp_path / "narrow"}', '--eval=True'], 'does not match')
     save_sae(sae, 1.0, str(tmp_path / 'gone'), {**info, 'model': '/no/such/model'})
     fails(['steer.py', f'--sae_path={tmp_path / "gone"}', '--eval=True'], 'pass a local folder')
 
 @pytest.mark.slow
 def test_real_default_pipeline(tmp_path):
-    """The offline default: SmolLM2-135M-Instruct (GGUF) on the Wikipedia corpus, a few thousand tokens."""
+    """The offline default: SmolLM2-135M-Instruct (GGUF) on the Wikipedia corpus, a few thousand
+    tokens; the clean CE of a real model on real text is between 1 and 5 nats."""
     cap, out = tmp_path / 'cap', tmp_path / 'sae'
     run('capture.py', '--max_tokens=3000', f'--out_dir={cap}')
-    run('sae.py', f'--data_dir={cap}', f'--out_dir={out}', '--batch_size=256', '--max_iters=40', '--expansion=4')
+    run('sae.py', f'--data_dir={cap}', f'--out_dir={out}', '--batch_size=256', '--max_iters=40',
+        '--expansion=4')
     r = run('steer.py', f'--sae_path={out}', '--eval_tokens=600', '--browse_latents=10')
     ev = json.load(open(out / 'eval.json'))
-    assert 1 < ev['ce_clean'] < 5 and abs(ev['ce_spliced+error'] - ev['ce_clean']) < 1e-3 and ev['ce_spliced'] < ev['ce_zero_ablated']
+    assert 1 < ev['ce_clean'] < 5 and abs(ev['ce_spliced+error'] - ev['ce_clean']) < 1e-3
+    assert ev['ce_spliced'] < ev['ce_zero_ablated']
     assert (out / 'browser.html').exists() and 'loss_recovered_pct' in r.stdout
