@@ -150,32 +150,30 @@ def write_file(path, data):
 # promises: a copy cut short would otherwise crash training halfway with an mmap error.
 def check_capture(folder):
     if not os.path.exists(os.path.join(folder, 'meta.json')):
+        what = f'holds no capture: make one with `python capture.py --out_dir={folder}`'
         if os.path.exists(os.path.join(folder, 'acts.npy')):
-            raise SystemExit(f"--data_dir={folder} is an unfinished capture (no meta.json): rerun "
-                             f"its capture.py command to finish it")
-        raise SystemExit(f"--data_dir={folder} holds no capture: make one with "
-                         f"`python capture.py --out_dir={folder}`")
-    # the exact command that made it, for the message when something is damaged
-    try:
-        with open(os.path.join(folder, 'meta.json')) as f:
-            meta = json.load(f)
-        args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in meta['config'].items())
-        N, d, n_ctx = meta['N'], meta['d_model'], meta['n_contexts']
-        want = {'acts': ((N, d), meta['dtype']), 'tokens': ((N,), 'int32'),
-                'ctx': ((N,), 'int32'), 'pos': ((N,), 'int32'), 'first': ((n_ctx,), 'int32')}
-    except (ValueError, KeyError) as e:
-        raise SystemExit(f"{folder}/meta.json is damaged ({e!r}): recapture into a new --out_dir")
+            what = 'is an unfinished capture (no meta.json): rerun its capture.py command to finish it'
+        raise SystemExit(f"--data_dir={folder} {what}")
+    # meta.json is written last and atomically: when it is there, it is whole
+    with open(os.path.join(folder, 'meta.json')) as f:
+        meta = json.load(f)
+    N = meta['N']
+    want = {'acts': (N, meta['d_model']), 'tokens': (N,), 'ctx': (N,), 'pos': (N,),
+            'first': (meta['n_contexts'],)}
     # each array by its .npy header alone: a cheap check, no data is read
-    for name, (shape, dt) in want.items():
+    for name, shape in want.items():
         path = os.path.join(folder, name + '.npy')
-        try:  # a file cut short fails here: its header promises more bytes than there are
-            # the header gives the shape, the dtype and where the data starts
+        promise = f"{shape} {meta['dtype'] if name == 'acts' else 'int32'}"
+        # a file cut short fails here: its header promises more bytes than there are
+        try:
             a = np.load(path, mmap_mode='r')
             found = f'{a.shape} {a.dtype}'
         except (OSError, ValueError) as e:
             found = str(e)
-        if found != f'{shape} {dt}':
-            raise SystemExit(f"{path} is damaged (meta.json promises {shape} {dt}, found {found}): "
+        if found != promise:
+            # the exact command that made the capture, from its config
+            args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in meta['config'].items())
+            raise SystemExit(f"{path} is damaged (meta.json promises {promise}, found {found}): "
                              f"recapture with `rm -r {folder} && python capture.py {args} "
                              f"--out_dir={folder}`")
     return meta
