@@ -4,7 +4,7 @@ runs. Scripts run as subprocesses, the way the README runs them. Each test check
 against an independent truth, named in its docstring. `-m "not slow"` skips the real-model test.
 $ python -m pytest -q test_sae.py
 """
-import os, sys, json, math, signal, shutil, subprocess, time, html.parser
+import os, re, sys, json, math, html, signal, shutil, subprocess, time
 import numpy as np
 import pytest
 import torch
@@ -596,40 +596,66 @@ def test_loss_recovered(tiny, trained):
     want = 100 * (r['ce_zero_ablated'] - r['ce_spliced']) / gap
     assert abs(r['loss_recovered_pct'] - want) < 1e-6 and r['loss_recovered_pct'] > 90
 
-def test_browser_page_shows_each_latents_top_contexts(tiny, trained):
-    """Each card's top context marks the token of the capture row where the latent is largest,
-    computed here from the capture directly."""
-    run('steer.py', f'--sae_path={trained}', '--browse=True', '--browse_latents=20', '--n_examples=3')
-    sae, info = load_sae(trained)
+def encoded_capture(sae, cap):
+    """The capture through the SAE, computed here: (N, n) activations and the token of each row."""
+    N = json.load(open(os.path.join(cap, 'meta.json')))['N']
+    vals, idx = sae.encode(read_rows(os.path.join(cap, 'acts.npy'), np.arange(N)))
+    z = torch.zeros(N, sae.W_dec.shape[0]).scatter_(1, idx, vals)
+    return z, np.load(os.path.join(cap, 'tokens.npy'))
 
-    class Page(html.parser.HTMLParser):
-        latents, stack = {}, []
+def test_dashboard_data_matches_the_capture(tiny, trained):
+    """browser.json, for every live latent, against the capture encoded here: the nonzero count,
+    the histogram's total, the top example's firing token and value (the row where the latent is
+    largest), the top examples in falling order, and the quantile groups in rising order."""
+    run('steer.py', f'--sae_path={trained}', '--browse=True', '--n_examples=3')
+    z, tokens = encoded_capture(load_sae(trained)[0], tiny['cap'])
+    data = json.load(open(os.path.join(trained, 'browser.json')))
+    counts = (z > 0).sum(0)
+    assert [l['i'] for l in data['latents']] == torch.nonzero(counts).flatten().tolist()
+    for l in data['latents']:
+        i, (ids, acts, at, value) = l['i'], l['top'][0]
+        assert l['count'] == counts[i] == sum(l['hist'][1]) and len(l['top']) == min(3, l['count'])
+        assert data['vocab'][ids[at]] == tiny['tok'].decode([int(tokens[z[:, i].argmax()])])
+        assert abs(value - z[:, i].max().item()) < 1e-3 and acts[at] == 100
+        assert [ex[3] for ex in l['top']] == sorted([ex[3] for ex in l['top']], reverse=True)
+        q = [ex[3] for group in l['quant'] for ex in group]
+        assert q == sorted(q) and len(q) == min(10, l['count'])
 
-        def handle_starttag(self, tag, attrs):
-            a = dict(attrs)
-            if a.get('class') == 'latent':
-                self.cur = int(a['id'][1:])
-                self.latents[self.cur] = []
-            if tag == 'li':
-                self.latents[self.cur].append([])
-            self.stack.append(tag)
+def chromium_dom(url, tmp_path):
+    """The DOM after the page's script has run, from Debian's chromium, headless."""
+    exe = shutil.which('chromium')
+    if exe is None:
+        pytest.skip('no chromium on this machine: `apt-get install chromium` (.ci/run does)')
+    flags = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-sync',
+             '--disable-background-networking', '--disable-component-update', '--disable-quic',
+             f'--user-data-dir={tmp_path / "chromium"}', '--virtual-time-budget=10000']
+    p = subprocess.run([exe, *flags, '--dump-dom', url], capture_output=True, text=True, timeout=120)
+    assert '</html>' in p.stdout or '</body>' in p.stdout, p.stderr[-2000:]
+    return p.stdout
 
-        def handle_endtag(self, tag):
-            self.stack.pop()
-
-        def handle_data(self, data):
-            if self.stack and self.stack[-1] == 'mark':
-                self.latents[self.cur][-1].append(data)
-    page = Page()
-    page.feed(open(os.path.join(trained, 'browser.html')).read())
-    N = json.load(open(os.path.join(tiny['cap'], 'meta.json')))['N']
-    vals, idx = sae.encode(read_rows(os.path.join(tiny['cap'], 'acts.npy'), np.arange(N)))
-    z = torch.zeros(len(vals), 256).scatter_(1, idx, vals)
-    tokens = np.load(os.path.join(tiny['cap'], 'tokens.npy'))
-    assert len(page.latents) == 20
-    for i, examples in page.latents.items():
-        assert examples and all(len(marks) == 1 for marks in examples)  # one marked token each
-        assert examples[0][0] == tiny['tok'].decode([int(tokens[z[:, i].argmax()])])
+def test_dashboard_in_a_real_browser(tiny, trained, tmp_path):
+    """The page as Chromium renders it, against the capture encoded here: every live latent is
+    in the list; #N shows latent N's card, whose top example marks the token and value of the row
+    where N is largest and whose histogram bars add up to N's nonzero activations; ?sort=density
+    puts the densest latent first."""
+    run('steer.py', f'--sae_path={trained}', '--browse=True')
+    z, tokens = encoded_capture(load_sae(trained)[0], tiny['cap'])
+    counts = (z > 0).sum(0)
+    page = 'file://' + os.path.join(trained, 'browser.html')
+    links = [int(i) for i in re.findall(r'<li><a href="#(\d+)">', chromium_dom(page, tmp_path))]
+    assert sorted(links) == torch.nonzero(counts).flatten().tolist()
+    # a latent of middling density, not the first of the list
+    i = int(torch.nonzero(counts).flatten()[len(links) // 2])
+    dom = chromium_dom(f'{page}#{i}', tmp_path)
+    card = dom[dom.index('id="card"'):]
+    assert f'<h2 data-latent="{i}">latent {i}</h2>' in card
+    act, text = re.search(r'class="peak" data-act="([^"]+)">([^<]*)</span>', card).groups()
+    assert html.unescape(text) == tiny['tok'].decode([int(tokens[z[:, i].argmax()])])
+    assert abs(float(act) - z[:, i].max().item()) < 1e-3
+    hist = card[:card.index('top activations')]
+    assert sum(int(c) for c in re.findall(r'data-count="(\d+)"', hist)) == counts[i]
+    first = re.search(r'<li><a href="#(\d+)">', chromium_dom(f'{page}?sort=density', tmp_path))
+    assert counts[int(first.group(1))] == counts.max()
 
 def test_steer_bad_input(tiny, trained, tmp_path):
     fails(['steer.py', f'--sae_path={tmp_path}'], 'no SAE at')
@@ -640,6 +666,17 @@ def test_steer_bad_input(tiny, trained, tmp_path):
     fails(['steer.py', f'--sae_path={tmp_path / "narrow"}', '--eval=True'], 'does not match')
     save_sae(sae, 1.0, str(tmp_path / 'gone'), {**info, 'model': '/no/such/model'})
     fails(['steer.py', f'--sae_path={tmp_path / "gone"}', '--eval=True'], 'pass a local folder')
+    # the dashboard needs the SAE's capture: moved away, or replaced by one of another layer
+    shutil.copytree(tiny['cap'], tmp_path / 'cap')
+    save_sae(sae, 1.0, str(tmp_path / 'moved'), {**info, 'data_dir': str(tmp_path / 'cap')})
+    os.rename(tmp_path / 'cap', tmp_path / 'elsewhere')
+    err = fails(['steer.py', f'--sae_path={tmp_path / "moved"}', '--browse=True'], 'is gone')
+    assert f'python capture.py --model={tiny["model"]}' in err
+    os.rename(tmp_path / 'elsewhere', tmp_path / 'cap')
+    meta = json.load(open(tmp_path / 'cap' / 'meta.json'))
+    (tmp_path / 'cap' / 'meta.json').write_text(json.dumps({**meta, 'hook': 'model.layers.2'}))
+    fails(['steer.py', f'--sae_path={tmp_path / "moved"}', '--browse=True'], 'recapture it')
+    assert not (tmp_path / 'moved' / 'browser.html').exists()
 
 @pytest.mark.slow
 def test_real_default_pipeline(tmp_path):
