@@ -8,11 +8,12 @@ $ python steer.py --prompt="The Eiffel Tower is in"     # the latents that fire 
 $ python steer.py --prompt="My favourite food is" --latent=123 --strength=4 --mode=add   # steer
 """
 import os, sys, json, math, time, shlex
+# before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
+os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sae import configure, pick_device, write_file, check_capture, load_sae, read_rows
-# capture's import also silences progress bars and hub retries before transformers loads
 from capture import load_model, blocks, read_docs, contexts, pad, run_to_layer
 
 # -----------------------------------------------------------------------------

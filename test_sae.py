@@ -683,10 +683,13 @@ def test_real_default_pipeline(tmp_path):
     """The offline default: SmolLM2-135M-Instruct (GGUF) on the Wikipedia corpus, a few thousand
     tokens; the clean CE of a real model on real text is between 1 and 5 nats."""
     cap, out = tmp_path / 'cap', tmp_path / 'sae'
-    run('capture.py', '--max_tokens=3000', f'--out_dir={cap}')
-    run('sae.py', f'--data_dir={cap}', f'--out_dir={out}', '--batch_size=256', '--max_iters=40',
-        '--expansion=4')
-    r = run('steer.py', f'--sae_path={out}', '--eval_tokens=600', '--browse_latents=10')
+    runs = [run('capture.py', '--max_tokens=3000', f'--out_dir={cap}'),
+            run('sae.py', f'--data_dir={cap}', f'--out_dir={out}', '--batch_size=256', '--max_iters=40',
+                '--expansion=4'),
+            run('steer.py', f'--sae_path={out}', '--eval_tokens=600', '--browse_latents=10')]
+    r = runs[-1]
+    # no progress bar (the GGUF de-quantization draws one) between a user and a one-line message
+    assert not any('it/s]' in p.stderr for p in runs)
     ev = json.load(open(out / 'eval.json'))
     assert 1 < ev['ce_clean'] < 5 and abs(ev['ce_spliced+error'] - ev['ce_clean']) < 1e-3
     assert ev['ce_spliced'] < ev['ce_zero_ablated']
