@@ -8,6 +8,7 @@ $ python steer.py --prompt="The Eiffel Tower is in"     # the latents that fire 
 $ python steer.py --prompt="My favourite food is" --latent=123 --strength=4 --mode=add   # steer
 """
 import os, sys, json, math, time, shlex
+from collections import Counter
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
 os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})
 import numpy as np
@@ -252,14 +253,16 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
         rows, wins = row[live][L, j].numpy(), win[live][L, j].numpy()
         for i, w, window in zip(live[L].tolist(), wins, windows(rows, wins, arrays)):
             ex.setdefault((kind, i), []).append(window + (float(w[BEFORE]),))
-    # one shared token table: each token shown anywhere, decoded once
-    vocab = sorted({t for exs in ex.values() for e in exs for t in e[0]} | {*sum(up + down, [])})
+    # one shared token table, each token shown anywhere decoded once; the most frequent first, so
+    # that the common tokens get the short indices (a third off the page's size)
+    freq = Counter([t for exs in ex.values() for e in exs for t in e[0]] + sum(up + down, []))
+    vocab = [t for t, _ in freq.most_common()]
     at = {t: j for j, t in enumerate(vocab)}
 
-    # an example as the page reads it: token indices, activations in percent of the latent's max
-    # (the shading), the firing token's place and its value
+    # an example as the page reads it: token indices, activations in tenths of the latent's max
+    # (the shading, as in OpenAI's explainer prompts), the firing token's place and its value
     def pack(e, big):
-        return [[at[t] for t in e[0]], [round(100 * a / big) for a in e[1]], e[2], round(e[3], 3)]
+        return [[at[t] for t in e[0]], [round(10 * a / big) for a in e[1]], e[2], round(e[3], 3)]
     # one record per live latent, in index order
     latents = []
     for j, i in enumerate(live.tolist()):
@@ -353,7 +356,7 @@ function overview() {
 // an example: every token shaded by the latent's activation on it, the firing token outlined
 function example([ids, acts, at, value]) {
   return '<div class="ex">' + ids.map((t, j) => `<span style="background:rgba(255,140,0,` +
-    `${acts[j] / 100})"` + (j == at ? ` class="peak" data-act="${value}"` : '') +
+    `${acts[j] / 10})"` + (j == at ? ` class="peak" data-act="${value}"` : '') +
     `>${esc(D.vocab[t])}</span>`).join('') + '</div>'
 }
 // a latent's card: density, activation histogram, top and per-quantile examples, logit effects

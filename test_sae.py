@@ -616,7 +616,7 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
         i, (ids, acts, at, value) = l['i'], l['top'][0]
         assert l['count'] == counts[i] == sum(l['hist'][1]) and len(l['top']) == min(3, l['count'])
         assert data['vocab'][ids[at]] == tiny['tok'].decode([int(tokens[z[:, i].argmax()])])
-        assert abs(value - z[:, i].max().item()) < 1e-3 and acts[at] == 100
+        assert abs(value - z[:, i].max().item()) < 1e-3 and acts[at] == 10
         assert [ex[3] for ex in l['top']] == sorted([ex[3] for ex in l['top']], reverse=True)
         q = [ex[3] for group in l['quant'] for ex in group]
         assert q == sorted(q) and len(q) == min(10, l['count'])
