@@ -288,6 +288,7 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
     curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
     # everything the page shows, and browser.json for programs
     data = {'model': info['model'], 'hook': info['hook'], 'n_latents': len(count), 'k': sae.k,
+            'dead': int((count == 0).sum()),
             'eval': evals, 'curves': curves, 'vocab': [tok.decode([t]) for t in vocab],
             'config': {'sae': info['config'], 'capture': info['capture'].get('config')},
             'latents': latents}
@@ -341,7 +342,7 @@ function curve(name, x, ys, w = 300, h = 60) {
 // the SAE as a whole: what it is, how good it is, how it trained, how its densities spread
 function overview() {
   $('title').textContent = `${D.model}, ${D.hook}: ${D.n_latents} latents, k=${D.k}`
-  const rows = Object.entries({...D.eval, dead_latents: D.n_latents - D.latents.length})
+  const rows = Object.entries({...D.eval, dead_latents: D.dead})
   let h = '<table>' + rows.map(([k, v]) => `<tr><td>${esc(k)}</td><td>${+v.toPrecision(5)}` +
     '</td></tr>').join('') + '</table>'
   if (D.curves.tokens.length) h += curve('batch FVU vs tokens', D.curves.tokens, D.curves.fvu) +

@@ -612,6 +612,7 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
     data = json.load(open(os.path.join(trained, 'browser.json')))
     counts = (z > 0).sum(0)
     assert [l['i'] for l in data['latents']] == torch.nonzero(counts).flatten().tolist()
+    assert data['dead'] == (counts == 0).sum()
     for l in data['latents']:
         i, (ids, acts, at, value) = l['i'], l['top'][0]
         assert l['count'] == counts[i] == sum(l['hist'][1]) and len(l['top']) == min(3, l['count'])
