@@ -214,6 +214,31 @@ def windows(rs, wins, cap):
         out.append((ids, acts, at))
     return out
 
+# Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
+# it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
+def logit_effects(lm, sae, live):
+    base = lm.get_submodule(blocks(lm)[0].rsplit('.', 1)[0])
+    norm = next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
+    up, down = [], []
+    for j in range(0, len(live), 512):
+        logits = lm.get_output_embeddings()(norm(sae.W_dec[live[j:j + 512]][None]))[0]
+        up += logits.topk(8, -1).indices.tolist()
+        down += (-logits).topk(8, -1).indices.tolist()
+    return up, down
+
+# The overview's numbers: the evaluation (training's held-out FVU, L0 and dead fraction, then
+# eval.json's when steer.py has evaluated) and the training curves from metrics.jsonl.
+def training_record(info, folder):
+    evals = dict(info.get('eval', {}))
+    if os.path.exists(os.path.join(folder, 'eval.json')):
+        evals.update(json.load(open(os.path.join(folder, 'eval.json'))))
+    logged = []
+    if os.path.exists(os.path.join(folder, 'metrics.jsonl')):
+        logged = [json.loads(line) for line in open(os.path.join(folder, 'metrics.jsonl'))]
+    # the log lines (not the eval ones) carry the batch FVU and the dead share
+    curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
+    return {'eval': evals, 'curves': curves}
+
 # Write the dashboard beside the SAE: browser.html (one static page, open from disk) and the same
 # data as browser.json for programs. Every live latent: density, activation histogram, top and
 # per-quantile examples, logit effects; and the SAE's overview (config, evaluation, training
@@ -237,15 +262,7 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
     arrays = {f: np.load(os.path.join(cap, f + '.npy')) for f in ('tokens', 'ctx', 'pos', 'first')}
     # live latents only: a latent that never fired has nothing to show
     live = torch.nonzero(count).flatten()[:n_show or None]
-    # each live decoder row through the final norm and the unembedding: the tokens it promotes
-    # and suppresses, 512 latents at a time (all at once would be a (9216, 49152) table)
-    base = lm.get_submodule(blocks(lm)[0].rsplit('.', 1)[0])
-    norm = next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
-    up, down = [], []
-    for j in range(0, len(live), 512):
-        logits = lm.get_output_embeddings()(norm(sae.W_dec[live[j:j + 512]][None]))[0]
-        up += logits.topk(8, -1).indices.tolist()
-        down += (-logits).topk(8, -1).indices.tolist()
+    up, down = logit_effects(lm, sae, live)
     # every example's window, both tables at once: (ids, acts, place, value) by (table, latent)
     ex = {}
     for kind, (key, row, win) in (('top', top), ('sample', sample)):
@@ -255,7 +272,8 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
             ex.setdefault((kind, i), []).append(window + (float(w[BEFORE]),))
     # one shared token table, each token shown anywhere decoded once; the most frequent first, so
     # that common tokens get short indices (with the shading in tenths: 18.1 -> 16.3 MB by default)
-    freq = Counter([t for exs in ex.values() for e in exs for t in e[0]] + sum(up + down, []))
+    freq = Counter([t for exs in ex.values() for e in exs for t in e[0]] +
+                   [t for ts in up + down for t in ts])
     vocab = [t for t, _ in freq.most_common()]
     at = {t: j for j, t in enumerate(vocab)}
 
@@ -277,19 +295,10 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
                         'hist': [nz[0].item(), hist[i, nz[0]:nz[-1] + 1].tolist()],
                         'top': [pack(e, big) for e in ex['top', i]], 'quant': quant,
                         'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]]})
-    # the overview: evaluation numbers (training's held-out ones, then eval.json's) and the
-    # training curves from metrics.jsonl
-    evals = dict(info.get('eval', {}))
-    if os.path.exists(os.path.join(folder, 'eval.json')):
-        evals.update(json.load(open(os.path.join(folder, 'eval.json'))))
-    logged = []
-    if os.path.exists(os.path.join(folder, 'metrics.jsonl')):
-        logged = [json.loads(line) for line in open(os.path.join(folder, 'metrics.jsonl'))]
-    curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
     # everything the page shows, and browser.json for programs
     data = {'model': info['model'], 'hook': info['hook'], 'n_latents': len(count), 'k': sae.k,
             'dead': int((count == 0).sum()),
-            'eval': evals, 'curves': curves, 'vocab': [tok.decode([t]) for t in vocab],
+            **training_record(info, folder), 'vocab': [tok.decode([t]) for t in vocab],
             'config': {'sae': info['config'], 'capture': info['capture'].get('config')},
             'latents': latents}
     text = json.dumps(data, separators=(',', ':'))
