@@ -175,10 +175,11 @@ if __name__ == '__main__':
     if ddp:
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     # a second capture into the same folder stops here (its other ranks are ended by torchrun)
-    held = lock(out_dir) if rank == 0 and not bench else None
+    # (the file stays open: the lock lives as long as it does)
+    lock_file = lock(out_dir) if rank == 0 and not bench else None
     # the same config resumes; a different one is refused, so no folder mixes two captures
-    ident = {k: v for k, v in config.items() if k not in ('out_dir', 'log_seconds', 'bench',
-                                                          'device')}
+    ident = {k: v for k, v in config.items()
+             if k not in ('out_dir', 'log_seconds', 'bench', 'device')}
     # meta.json: a finished capture; plan.json: a started one (its arrays are laid out)
     for name in ('meta.json', 'plan.json'):
         p = os.path.join(out_dir, name)

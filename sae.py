@@ -553,7 +553,8 @@ if __name__ == '__main__':
     torch.manual_seed(seed)
     log = print if rank == 0 else (lambda *a, **kw: None)
     # only rank 0 writes; a second run into the same folder stops here
-    held = lock(out_dir) if rank == 0 else None
+    # (the file stays open: the lock lives as long as it does)
+    lock_file = lock(out_dir) if rank == 0 else None
 
     # -------------------------------------------------------------------------
     # data: a global shuffle over all rows of the capture, whole contexts held out for evaluation

@@ -206,10 +206,11 @@ def windows(rs, wins, cap):
     inside = (np.abs(q - rs[:, None]) <= BEFORE) & (ctx[q] == ctx[rs][:, None])
     out = []
     for j, r in enumerate(rs):
-        ids, acts, at = tokens[q[j][inside[j]]].tolist(), wins[j][inside[j]].tolist(), 0
+        rows = q[j][inside[j]]
+        ids, acts = tokens[rows].tolist(), wins[j][inside[j]].tolist()
         at = int(inside[j][:BEFORE].sum())
         # the window reaches the start of a context whose token 0 is not a row
-        if pos[q[j][inside[j]][0]] == 1:
+        if pos[rows[0]] == 1:
             ids, acts, at = [int(first[ctx[r]])] + ids, [0.0] + acts, at + 1
         out.append((ids, acts, at))
     return out
