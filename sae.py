@@ -160,6 +160,9 @@ def check_capture(folder):
     N = meta['N']
     want = {'acts': (N, meta['d_model']), 'tokens': (N,), 'ctx': (N,), 'pos': (N,),
             'first': (meta['n_contexts'],)}
+    # each context's document and label: in captures made since they are recorded
+    if 'labels' in meta:
+        want.update(doc=(meta['n_contexts'],), label=(meta['n_contexts'],))
     # each array by its .npy header alone: a cheap check, no data is read
     for name, shape in want.items():
         path = os.path.join(folder, name + '.npy')

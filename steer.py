@@ -6,9 +6,13 @@ $ python steer.py                                       # evaluate out/smollm2-l
 $ python steer.py --eval=True --data=my.txt             # loss recovered, delta CE, KL on other text
 $ python steer.py --prompt="The Eiffel Tower is in"     # the latents that fire most on each token
 $ python steer.py --prompt="My favourite food is" --latent=123 --strength=4 --mode=add   # steer
+$ python steer.py --probe=True                          # k-sparse probes on the documents' labels
+$ python steer.py --explain=50                          # explain and score 50 latents: interp.json
+$ python steer.py --explain=50 --explainer=http://localhost:11434/v1 --explainer_model=llama3.1:8b
 """
-import os, sys, json, math, time, shlex
+import os, re, sys, json, math, time, shlex, hashlib, threading, urllib.request, urllib.error
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
 os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})
 import numpy as np
@@ -22,6 +26,15 @@ from capture import load_model, blocks, read_docs, contexts, pad, run_to_layer
 sae_path = 'out/smollm2-l15'  # a folder written by sae.py
 eval = False             # evaluate: CE clean / spliced / ablated, loss recovered, KL -> eval.json
 browse = False           # write the dashboard: browser.html and browser.json
+probe = False            # k-sparse probes on the capture's document labels -> eval.json
+explain = 0              # explain and score this many latents, chosen with the seed -> interp.json
+latents = ''             # or explain these, e.g. '3,17,42'
+explainer = ''           # HF id or folder of an instruct model, or an OpenAI-compatible URL
+                         # (http://host/v1); '': the SAE's own model
+explainer_model = ''     # the model an endpoint serves, e.g. 'llama3.1:8b' (Ollama)
+api_key_env = 'OPENAI_API_KEY'  # the environment variable with the endpoint's key (sent if set)
+requests_in_flight = 4   # an endpoint's concurrent requests
+timeout = 120.0          # seconds to wait for an endpoint's answer
 data = ''                # eval text (.txt, folder of .txt, .jsonl); '': the held-out articles
 eval_tokens = 20_000     # tokens of eval text
 prompt = ''              # inspect (alone) or steer (with --latent)
@@ -42,7 +55,8 @@ config_keys = [k for k, v in globals().items()
 rules = {'eval_tokens': 'v >= 1', 'latent': 'v >= -1', 'mode': ('add', 'clamp', 'ablate'),
          'max_new_tokens': 'v >= 1', 'temperature': 'v >= 0', 'seed': 'v >= 0',
          'top_latents': 'v >= 1', 'browse_latents': 'v >= 0', 'n_examples': 'v >= 1',
-         'batch_size': 'v >= 1'}
+         'batch_size': 'v >= 1', 'explain': 'v >= 0', 'requests_in_flight': 'v >= 1',
+         'timeout': 'v > 0'}
 # -----------------------------------------------------------------------------
 
 # Hook `block` so its output h (B, T, d) becomes fn(h) at every position but the first `skip` of a
@@ -231,8 +245,10 @@ def logit_effects(lm, sae, live):
 # eval.json's when steer.py has evaluated) and the training curves from metrics.jsonl.
 def training_record(info, folder):
     evals = dict(info.get('eval', {}))
+    # the numbers of eval.json (its per-class probe table stays there)
     if os.path.exists(os.path.join(folder, 'eval.json')):
-        evals.update(json.load(open(os.path.join(folder, 'eval.json'))))
+        got = json.load(open(os.path.join(folder, 'eval.json'))).items()
+        evals.update({k: v for k, v in got if isinstance(v, (int, float))})
     logged = []
     if os.path.exists(os.path.join(folder, 'metrics.jsonl')):
         logged = [json.loads(line) for line in open(os.path.join(folder, 'metrics.jsonl'))]
@@ -245,17 +261,9 @@ def training_record(info, folder):
 # per-quantile examples, logit effects; and the SAE's overview (config, evaluation, training
 # curves, densities). Token ids and one shared token table keep the data compact.
 def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
-    cap = info['data_dir']
     # the capture the SAE trained on: still there, and of the SAE's model and layer
-    if not os.path.exists(os.path.join(cap, 'meta.json')):
-        config = info['capture']['config']
-        args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in config.items())
-        raise SystemExit(f"the SAE's capture '{cap}' is gone (moved or deleted): recreate it with "
-                         f"`python capture.py {args} --out_dir={cap}`")
-    meta = check_capture(cap)
-    if (meta['model'], meta['hook']) != (info['model'], info['hook']):
-        raise SystemExit(f"'{cap}' holds activations of {meta['model']} {meta['hook']}, but the "
-                         f"SAE was trained on {info['model']} {info['hook']}: recapture it")
+    cap = info['data_dir']
+    capture_of(info)
     # the one pass over the capture, timed for the README
     t0 = time.time()
     count, hist, (top, sample) = scan(sae, os.path.join(cap, 'acts.npy'), E, R)
@@ -282,6 +290,11 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
     # (the shading, as in OpenAI's explainer prompts), the firing token's place and its value
     def pack(e, big):
         return [[at[t] for t in e[0]], [round(10 * a / big) for a in e[1]], e[2], round(e[3], 3)]
+    # steer.py --explain's explanations and scores, when there are some (an explain run after
+    # this one shows on the page once the dashboard is written again)
+    interp = {'latents': {}, 'summary': {}}
+    if os.path.exists(os.path.join(folder, 'interp.json')):
+        interp = json.load(open(os.path.join(folder, 'interp.json')))
     # one record per live latent, in index order
     latents = []
     for j, i in enumerate(live.tolist()):
@@ -296,10 +309,17 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
                         'hist': [nz[0].item(), hist[i, nz[0]:nz[-1] + 1].tolist()],
                         'top': [pack(e, big) for e in ex['top', i]], 'quant': quant,
                         'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]]})
+        # its explanation and the detection scores: the LLM's, then the two controls'
+        if str(i) in interp['latents']:
+            e = interp['latents'][str(i)]
+            latents[-1]['explanation'] = e['explanation']
+            latents[-1]['score'], latents[-1]['token'], latents[-1]['random'] = (
+                e['scores'].get(k, {}).get('balanced_accuracy') for k in ('llm', 'token', 'random'))
     # everything the page shows, and browser.json for programs
     data = {'model': info['model'], 'hook': info['hook'], 'n_latents': len(count), 'k': sae.k,
             'dead': int((count == 0).sum()),
             **training_record(info, folder), 'vocab': [tok.decode([t]) for t in vocab],
+            'detection': {k: s['mean'] for k, s in interp['summary'].items()},
             'config': {'sae': info['config'], 'capture': info['capture'].get('config')},
             'latents': latents}
     text = json.dumps(data, separators=(',', ':'))
@@ -309,6 +329,519 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
     write_file(os.path.join(folder, 'browser.json'), text)
     print(f"wrote {folder}/browser.html ({len(text) / 1e6:.1f} MB of data) and browser.json: "
           f"{len(latents)} live latents of {len(count)}, scanned in {t_scan:.0f}s")
+
+# -----------------------------------------------------------------------------
+# Probes and explanations. Both read the capture's documents: a fixed rule holds out 1 document
+# in 5 (by its index in the corpus), so no probe and no detection score is measured on text its
+# probe or its explainer saw.
+def held_out(doc):
+    return doc % 5 == 0
+
+# The SAE's capture, checked: still there, and of the SAE's model and layer. Returns its meta.json.
+def capture_of(info):
+    cap = info['data_dir']
+    # the path is stored in the SAE's file: the folder may have moved since training
+    if not os.path.exists(os.path.join(cap, 'meta.json')):
+        config = info['capture']['config']
+        args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in config.items())
+        raise SystemExit(f"the SAE's capture '{cap}' is gone (moved or deleted): recreate it with "
+                         f"`python capture.py {args} --out_dir={cap}`")
+    meta = check_capture(cap)
+    # a folder recaptured from another model or layer would pair the SAE with foreign activations
+    if (meta['model'], meta['hook']) != (info['model'], info['hook']):
+        raise SystemExit(f"'{cap}' holds activations of {meta['model']} {meta['hook']}, but the "
+                         f"SAE was trained on {info['model']} {info['hook']}: recapture it")
+    return meta
+
+# The capture's arrays, and each row's document and label (from its context's). A capture made
+# before documents were recorded gains them when its capture.py command runs again (seconds).
+def documents(info, why):
+    meta, cap = capture_of(info), info['data_dir']
+    # 'labels' in meta.json (an empty list for unlabelled text) marks doc.npy and label.npy
+    if 'labels' not in meta:
+        args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in meta['config'].items())
+        raise SystemExit(f"{why} needs each context's document, which '{cap}' predates: add them "
+                         f"with `python capture.py {args} --out_dir={cap}` (no forward pass)")
+    a = {f: np.load(os.path.join(cap, f + '.npy')) for f in
+         ('tokens', 'ctx', 'pos', 'first', 'doc', 'label')}
+    # per row, through its context: the document and the label index (-1: none)
+    a['row_doc'], a['row_label'] = a['doc'][a['ctx']], a['label'][a['ctx']]
+    return meta, a
+
+# Every row of the capture through the encoder: its top k (values, latents), (N, k) each, kept in
+# memory (1M rows at k = 32: 256 MB).
+@torch.no_grad()
+def encode_all(sae, acts, chunk=8192):
+    N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
+    vals, idx = [], []
+    # chunks in row order: the file is read once, front to back; the codes come back to the CPU
+    for s in range(0, N, chunk):
+        v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
+        vals.append(v.cpu())
+        idx.append(i.cpu())
+    return torch.cat(vals), torch.cat(idx)
+
+# A logistic regression with an L2 penalty (sklearn's default, C = 1), fitted by L-BFGS on
+# standardized features: the probe of SAEBench's sparse probing, in torch. Returns test accuracy.
+def logistic(X, y, X_test, y_test):
+    # the train set's statistics for both sets; standardized, the L2 penalty weighs every feature
+    # alike (a latent's scale is arbitrary, and a residual dimension's differs by 100x)
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    X, X_test = (X - mu) / sd, (X_test - mu) / sd
+    # the weights and, last, the bias (not penalized); the loss is convex, so L-BFGS from zero
+    # finds the optimum in one step() of up to 200 iterations
+    w = torch.zeros(X.shape[1] + 1, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn='strong_wolfe')
+
+    # the mean log-loss plus ||w||^2 / 2n: sklearn's sum of log-losses plus ||w||^2 / 2, over n
+    def loss():
+        opt.zero_grad()
+        z = X @ w[:-1] + w[-1]
+        out = F.binary_cross_entropy_with_logits(z, y) + (w[:-1] ** 2).sum() / (2 * len(y))
+        out.backward()
+        return out
+    opt.step(loss)
+    # a logit above 0 is P > 0.5: the probe says "this class"
+    with torch.no_grad():
+        return ((X_test @ w[:-1] + w[-1] > 0).float() == y_test).float().mean().item()
+
+# k-sparse probing (SAEBench): for each class, one vs rest, negatives drawn from the other classes
+# to as many as the positives, on train and test documents apart; the k latents whose means differ
+# most between the classes on the train documents, and a logistic probe on those. The same on the
+# residual stream's dimensions, and on all of them. Features are per-document means (docs, f).
+def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
+    # the negatives are drawn with a fixed seed: a rerun gives the same numbers
+    g = torch.Generator().manual_seed(seed)
+    # accuracies per class, for each kind of features and each k
+    acc = {f'{kind}_top{k}': [] for kind in ('sae', 'residual') for k in ks}
+    acc['residual_full'], best = [], {}
+    for c, name in enumerate(names):
+        # balanced sets: every positive, and as many negatives at random, per split
+        sets = []
+        for split in (~test, test):
+            pos = torch.nonzero(split & (label == c)).flatten()
+            neg = torch.nonzero(split & (label >= 0) & (label != c)).flatten()
+            neg = neg[torch.randperm(len(neg), generator=g)[:len(pos)]]
+            sets.append((torch.cat([pos, neg]), torch.cat([torch.ones(len(pos)),
+                                                          torch.zeros(len(neg))])))
+        (tr, y), (te, y_te) = sets
+        # a class with hardly any documents on one side gives no accuracy worth averaging
+        if min(len(tr), len(te)) < 4:
+            continue
+        for kind, X in (('sae', lat), ('residual', res)):
+            # the features ranked by |mean over positives - mean over negatives|, train only
+            diff = (X[tr][y == 1].mean(0) - X[tr][y == 0].mean(0)).abs()
+            order = diff.argsort(descending=True)
+            for k in ks:
+                f = order[:k]
+                acc[f'{kind}_top{k}'].append(logistic(X[tr][:, f], y, X[te][:, f], y_te))
+            # the class's single best latent: a label for that latent, and a check of the probe
+            if kind == 'sae':
+                best[name] = {'latent': order[0].item(), 'accuracy': acc['sae_top1'][-1]}
+        # the ceiling: every residual dimension, what a dense linear probe reaches
+        acc['residual_full'].append(logistic(res[tr], y, res[te], y_te))
+    # the mean over classes, then each class's best single latent
+    out = {f'probe_{key}': sum(v) / max(len(v), 1) for key, v in acc.items()}
+    return {**out, 'probe_classes': len(best), 'probe_best_latent': best}
+
+# The probes on the SAE's capture: each document's mean latent activations and mean residual
+# vector (over its stored rows), held-out documents for the test.
+def probe_capture(sae, info, codes):
+    meta, a = documents(info, '--probe')
+    if not meta['labels']:
+        raise SystemExit(f"--probe needs document labels, and '{info['data_dir']}' has none: "
+                         f"capture a .jsonl whose lines carry a \"label\" (a class per document), "
+                         f"or the default --data=wiki (topics)")
+    (vals, idx), acts = codes, os.path.join(info['data_dir'], 'acts.npy')
+    # documents renumbered 0..D-1 in order of first appearance
+    docs, row_doc = np.unique(a['row_doc'], return_inverse=True)
+    D, n, row_doc = len(docs), sae.W_dec.shape[0], torch.from_numpy(row_doc)
+    # the stored rows of each document: the divisor of both means
+    rows = torch.bincount(row_doc, minlength=D).float()[:, None]
+    # (D, n) latent sums from the k codes of each row (dense: 10k documents x 9216 latents is
+    # 370 MB), then means
+    lat = torch.zeros(D, n).index_put_((row_doc[:, None].expand_as(idx), idx), vals,
+                                       accumulate=True) / rows
+    # the residual stream, summed per document as it streams from disk
+    res = torch.zeros(D, meta['d_model'])
+    for s in range(0, meta['N'], 65536):
+        r = np.arange(s, min(meta['N'], s + 65536))
+        res.index_add_(0, row_doc[r], read_rows(acts, r))
+    res /= rows
+    # each document's label: that of its contexts (all the same)
+    label = torch.zeros(D, dtype=torch.long)
+    label[row_doc] = torch.from_numpy(a['row_label']).long()
+    return sparse_probe(lat, res, label, torch.from_numpy(held_out(docs)), meta['labels'])
+
+# Explainer windows: 32 tokens, the firing token the 24th (delphi's shape: enough context before
+# it, a little after). A latent is explained only when it fires in enough contexts on both sides.
+W_BEFORE, W_AFTER = 23, 8
+MIN_EXPLAIN, MIN_SCORE = 20, 5
+# bump it when a prompt changes: interp.json records it (the cache needs no bump: its keys hold
+# the prompts themselves)
+PROMPT_VERSION = 1
+# the explainer's one message: the snippets go last, numbered; the one-line answer is the
+# explanation (a 135M model copies a snippet more often than not: the controls show it)
+EXPLAIN = ("You study one feature of a language model. Below are text snippets; in each, the "
+           "tokens where the feature is active are marked <<like this>>. Say in one short phrase "
+           "what the feature responds to: a token, a word, a topic or a pattern. Answer with the "
+           "phrase only, on one line.\n\n{snippets}")
+# detection: one text per prompt when the model's next-token probabilities are at hand (local),
+# five per request and a list in reply when only text comes back (an endpoint)
+DETECT_ONE = ("A feature of a language model responds to: {explanation}\n\nText: \"{text}\"\n\n"
+              "Is the feature active somewhere in this text? Answer yes or no.")
+DETECT_MANY = ("A feature of a language model responds to: {explanation}\n\nFor each numbered "
+               "text below, is the feature active somewhere in it? Reply with only a JSON list "
+               "of 1 (active) and 0 (not active), one per text, e.g. [1, 0, 0, 1, 0].\n\n{texts}")
+
+# How many contexts each latent fires in, on the explain side and on the score side (n,) each.
+def context_counts(codes, a, n):
+    vals, idx = codes
+    # the row of each firing code (a code whose value ReLU zeroed did not fire)
+    rows = torch.arange(len(idx))[:, None].expand_as(idx)[vals > 0].numpy()
+    # each (context, latent) pair once
+    pairs = np.unique(a['ctx'][rows].astype(np.int64) * n + idx[vals > 0].numpy())
+    ctx, lat = pairs // n, pairs % n
+    # which side each pair's context falls on, by its document
+    ho = held_out(a['doc'][ctx])
+    return np.bincount(lat[~ho], minlength=n), np.bincount(lat[ho], minlength=n)
+
+# The rows of the window around row r, within its context (ctx.npy is sorted: a context's rows are
+# consecutive).
+def window(r, a):
+    c = a['ctx'][r]
+    # clipped to the context's first and last rows, found by binary search
+    lo = max(r - W_BEFORE, np.searchsorted(a['ctx'], c))
+    return np.arange(lo, min(r + W_AFTER + 1, np.searchsorted(a['ctx'], c, side='right')))
+
+# The text of a window, tokens decoded one by one; where the latent is above `mark`, the token is
+# marked <<like this>> (a run of marked tokens is one mark).
+def show(rows, tok, a, acts=None, mark=math.inf):
+    out = ''
+    # no activations: plain text (the scorer's snippets carry no marks)
+    acts = np.zeros(len(rows)) if acts is None else acts
+    for t, v in zip(a['tokens'][rows], acts):
+        s = tok.decode([int(t)])
+        # a token's leading space stays outside the mark
+        word = s.lstrip()
+        out += s[:len(s) - len(word)] + f'<<{word}>>' if v > mark and word else s
+    return out.replace('>><<', '').strip()
+
+# One latent's examples: explainer input from the explain documents (the top 10 contexts and one
+# from each decile of the rest), a detection set from the held-out ones (2 positives per decile,
+# 10 random negatives and 10 from documents of the latent's topic where it stays at 0), and the
+# token baseline. One example per context: its peak.
+def examples(i, codes, a, tok, rng, names):
+    vals, idx = codes
+    # the latent on every row of a set of rows
+    def on(rows):
+        return (vals[rows] * (idx[rows] == i)).sum(1).numpy()
+    # every row where latent i fires, and its value there
+    r, j = torch.nonzero((idx == i) & (vals > 0), as_tuple=True)
+    r, v = r.numpy(), vals[r, j].numpy()
+    # each context's peak: sorted by context, largest first within one, the first kept
+    o = np.lexsort((-v, a['ctx'][r]))
+    keep = np.r_[True, np.diff(a['ctx'][r[o]]) != 0]
+    r, v = r[o][keep], v[o][keep]
+    # the peaks, largest first, on each side of the document split
+    r = r[np.argsort(-v, kind='stable')]
+    ho = held_out(a['row_doc'][r])
+    train, test = r[~ho], r[ho]
+
+    # n rows spread over the ten deciles of `rows` (largest first)
+    def spread(rows, n):
+        parts = [p for p in np.array_split(rows, 10) if len(p)]
+        return np.concatenate([rng.choice(p, min(len(p), n), replace=False) for p in parts])
+    # the explainer sees the top and the whole range: an explanation of the top alone says too
+    # little about the weak activations that make up most firings
+    shown = np.concatenate([train[:10], spread(train[10:], 1)])
+    # marks at 0.3 of the latent's largest value (delphi's threshold)
+    mark = 0.3 * on(train[:1])[0]
+    snippets = [show(window(s, a), tok, a, on(window(s, a)), mark) for s in shown]
+    # positives over the whole range too: a score on top examples alone would flatter
+    pos = spread(test, 2)
+    # negatives: windows of held-out rows where the latent is 0 on every token
+    pool = np.nonzero(held_out(a['row_doc']))[0]
+    # the latent's topic: the most common label of its peaks' documents (-1: no labels). Its
+    # negatives from the same topic test the explanation, not the topic's vocabulary
+    labels = a['row_label'][train]
+    topic = int(np.bincount(labels[labels >= 0]).argmax()) if (labels >= 0).any() else -1
+    negs = []
+    for rows, m in ((pool[a['row_label'][pool] == topic], 10), (pool, 20)):
+        for s in rng.choice(rows, min(len(rows), 40 * m), replace=False):
+            if len(negs) == m:
+                break
+            if not on(window(s, a)).any():
+                negs.append(s)
+    # the token baseline: the tokens at the peaks that make up 10% of them or more (at most 3)
+    count = Counter(tok.decode([int(t)]).strip() for t in a['tokens'][train])
+    common = [t for t, c in count.most_common(3) if c >= 0.1 * len(train)]
+    common = common or [count.most_common(1)[0][0]]
+    token = 'the token' + 's' * (len(common) > 1) + ' ' + ', '.join(f"'{t}'" for t in common)
+    # the scorer's texts: positives then negatives (the truth says which), all unmarked
+    texts = [show(window(s, a), tok, a) for s in np.concatenate([pos, negs]).astype(int)]
+    return {'snippets': snippets, 'texts': texts, 'truth': [1] * len(pos) + [0] * len(negs),
+            'token': token, 'topic': names[topic] if topic >= 0 else None,
+            'contexts': [len(train), len(test)], 'explain_rows': shown.tolist(),
+            'score_rows': np.concatenate([pos, negs]).astype(int).tolist()}
+
+# Every model call's answer on disk, keyed by a hash of its request: a killed run resumes without
+# asking again, and a rerun is exact and free. One JSON line per answer, appended and flushed as it
+# comes (a line cut by a kill is skipped on reading).
+class Cache:
+    def __init__(self, path):
+        # answers by key; the lock keeps threads' lines whole in the file
+        self.answers, self.lock = {}, threading.Lock()
+        if os.path.exists(path):
+            for line in open(path, encoding='utf-8'):
+                try:
+                    e = json.loads(line)
+                    self.answers[e['key']] = e['answer']
+                except (ValueError, KeyError):
+                    pass
+        # append only: no answer once written is ever rewritten
+        self.file = open(path, 'a', encoding='utf-8')
+
+    # a request's key: the hash of its JSON with sorted keys, so equal requests hash alike
+    def key(self, request):
+        return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+    def __contains__(self, request):
+        return self.key(request) in self.answers
+
+    # the answer to `request` (any JSON): from the cache, or from ask() and then stored
+    def __call__(self, request, ask):
+        key = self.key(request)
+        if key not in self.answers:
+            answer = ask()
+            # flushed at once: a kill loses at most the answers still in flight
+            with self.lock:
+                self.file.write(json.dumps({'key': key, 'answer': answer}) + '\n')
+                self.file.flush()
+                self.answers[key] = answer
+        return self.answers[key]
+
+# A local instruct model as the explainer: chat(messages, max_tokens) -> its greedy answer, and
+# judge(explanation, texts) -> P(yes) per text, read off the next-token logits after each
+# DETECT_ONE prompt (no parsing: the probability of 'yes' against 'no').
+def local_backend(lm, tok, name, cache, batch_size):
+    if not tok.chat_template:
+        raise SystemExit(f"--explainer={name} has no chat template: pass an instruct (chat) "
+                         f"model, or an endpoint URL with --explainer_model")
+    # the ids of 'yes' and 'no' as the first token of an answer, in the spellings the
+    # tokenizer has as one token
+    def ids(*words):
+        found = [tok.encode(w, add_special_tokens=False) for w in words]
+        return [t[0] for t in found if len(t) == 1]
+    yes, no = ids('yes', 'Yes', ' yes', ' Yes'), ids('no', 'No', ' no', ' No')
+    # the explainer may be the SAE's own model, on its device
+    dev = next(lm.parameters()).device
+
+    # the prompt a chat model sees for one user message
+    def prompt(text):
+        return tok.apply_chat_template([{'role': 'user', 'content': text}], tokenize=False,
+                                       add_generation_prompt=True)
+
+    @torch.no_grad()
+    def chat(messages, max_tokens):
+        # greedy decoding: temperature 0, the same answer on every machine that computes alike
+        def ask():
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            x = tok(text, add_special_tokens=False, return_tensors='pt').input_ids.to(dev)
+            out = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
+                              do_sample=False, pad_token_id=tok.eos_token_id)
+            return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+        return cache({'model': name, 'messages': messages, 'max_tokens': max_tokens}, ask)
+
+    @torch.no_grad()
+    def judge(explanation, texts):
+        prompts = [prompt(DETECT_ONE.format(explanation=explanation, text=t)) for t in texts]
+        # the prompts not answered yet, in batches, right-padded: each one's logits at its own
+        # last token
+        todo, p = [q for q in prompts if {'model': name, 'p_yes': q} not in cache], {}
+        for j in range(0, len(todo), batch_size):
+            ps = todo[j:j + batch_size]
+            xs = [np.array(tok(q, add_special_tokens=False).input_ids) for q in ps]
+            x, mask = pad(xs, dev)
+            last = torch.tensor([len(q) - 1 for q in xs])
+            logp = lm(input_ids=x, attention_mask=mask).logits[torch.arange(len(xs)), last]
+            logp = logp.float().log_softmax(-1)
+            # P(yes) / (P(yes) + P(no)), each summed over its spellings
+            for q, lp in zip(ps, logp):
+                y, n = lp[yes].logsumexp(0), lp[no].logsumexp(0)
+                p[q] = torch.sigmoid(y - n).item()
+        # each one stored under its own prompt: a resumed run asks only what is missing
+        return [cache({'model': name, 'p_yes': q}, lambda: p[q]) for q in prompts]
+    return chat, judge
+
+# An OpenAI-compatible chat-completions endpoint (Ollama, vLLM, llama.cpp's server, OpenAI, ...)
+# as the explainer, with the standard library alone: the same two functions. The key comes from
+# the environment variable key_env and is sent only when it is set. 429 and 5xx are retried with
+# backoff (the server's Retry-After when it gives one); anything else is one line.
+def http_backend(url, model, key_env, cache, timeout):
+    url = url.rstrip('/')
+    headers = {'Content-Type': 'application/json'}
+    # local servers need no key: none is sent, not even an empty one
+    if os.environ.get(key_env):
+        headers['Authorization'] = f'Bearer {os.environ[key_env]}'
+
+    # one POST, its answer's text
+    def post(body):
+        # five tries at most: waits of 1, 2, 4, 8 s between them
+        for attempt in range(5):
+            req = urllib.request.Request(f'{url}/chat/completions', json.dumps(body).encode(),
+                                         headers)
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    return json.load(r)['choices'][0]['message']['content'] or ''
+            # the server answered with an error status (HTTPError before URLError: it is one)
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):
+                    have = 'is set' if key_env in os.environ else 'is not set'
+                    raise SystemExit(f"{url} refused the request (HTTP {e.code}): put a valid key "
+                                     f"in the environment variable {key_env} (it {have}), or "
+                                     f"name another with --api_key_env")
+                if attempt == 4 or e.code != 429 and e.code < 500:
+                    what = ' '.join(e.read().decode(errors='replace').split())[:160]
+                    raise SystemExit(f"{url} answered HTTP {e.code} ({what}): check "
+                                     f"--explainer_model={model} is a model it serves")
+                # rate-limited or overloaded: wait (the server's Retry-After when it gives seconds,
+                # at most a minute), then the same request again
+                wait = e.headers.get('Retry-After') or ''
+                time.sleep(min(60.0, float(wait) if wait.isdigit() else 2.0 ** attempt))
+            # no answer at all: refused, unknown host, timed out
+            except (urllib.error.URLError, OSError) as e:
+                raise SystemExit(f"no answer from {url}/chat/completions "
+                                 f"({getattr(e, 'reason', e)}): check that the server runs and "
+                                 f"that the URL ends in /v1 (Ollama: http://localhost:11434/v1)")
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                raise SystemExit(f"{url} answered something that is not a chat completion "
+                                 f"({type(e).__name__}: {e}): is it OpenAI-compatible?")
+
+    # temperature 0 and a seed: as reproducible as the server allows
+    def chat(messages, max_tokens):
+        body = {'model': model, 'messages': messages, 'temperature': 0, 'max_tokens': max_tokens,
+                'seed': 0}
+        return cache({'url': url, **body}, lambda: post(body))
+
+    # five texts per request; an answer that is not a list of five 0/1 gives None for each
+    def judge(explanation, texts):
+        out = []
+        for j in range(0, len(texts), 5):
+            group = texts[j:j + 5]
+            numbered = '\n'.join(f'{n + 1}. "{t}"' for n, t in enumerate(group))
+            text = DETECT_MANY.format(explanation=explanation, texts=numbered)
+            # the first [...] of 0s and 1s in the answer, however much text is around it
+            answer = chat([{'role': 'user', 'content': text}], 30)
+            found = re.search(r'\[[\d\s,]*\]', answer)
+            got = json.loads(found.group()) if found else []
+            ok = len(got) == len(group) and set(got) <= {0, 1}
+            out += [float(x) for x in got] if ok else [None] * len(group)
+        return out
+    return chat, judge
+
+# Balanced accuracy of P(yes) >= 0.5 against the truth, and the AUROC of P(yes) when it is a
+# probability (a local model); answers that did not parse (None) are left out and counted.
+def detection(p, truth, probabilities):
+    # the answers on positives and on negatives
+    pos = [q for q, t in zip(p, truth) if t and q is not None]
+    neg = [q for q, t in zip(p, truth) if not t and q is not None]
+    out = {'balanced_accuracy': None, 'failed': sum(q is None for q in p)}
+    # the mean of the two recalls: 0.5 for any constant answer, whatever the mix
+    if pos and neg:
+        tpr, tnr = np.mean([q >= 0.5 for q in pos]), np.mean([q < 0.5 for q in neg])
+        out['balanced_accuracy'] = round(float(tpr + tnr) / 2, 4)
+    if pos and neg and probabilities:
+        # the chance that a positive gets a higher P(yes) than a negative (ties: half)
+        wins = [(a > b) + 0.5 * (a == b) for a in pos for b in neg]
+        out['auroc'] = round(float(np.mean(wins)), 4)
+    return out
+
+# The numbers over latents of one kind of explanation: mean and spread of balanced accuracy, the
+# share at 0.7 or more, the mean AUROC, how many answers failed to parse.
+def summarize(scores):
+    # latents without a score (no negatives found, every answer unparsed) are left out
+    acc = [s['balanced_accuracy'] for s in scores if s['balanced_accuracy'] is not None]
+    out = {'mean': round(float(np.mean(acc)), 4) if acc else None,
+           'sd': round(float(np.std(acc)), 4) if acc else None,
+           'share_at_least_0.7': round(float(np.mean([x >= 0.7 for x in acc])), 4) if acc else None,
+           'latents': len(acc), 'failed_answers': sum(s['failed'] for s in scores)}
+    if any('auroc' in s for s in scores):
+        out['auroc_mean'] = round(float(np.mean([s['auroc'] for s in scores if 'auroc' in s])), 4)
+    return out
+
+# fn over items, `workers` at a time (threads: they wait on the network); in order
+def parallel(fn, items, workers):
+    if workers == 1:
+        return [fn(x) for x in items]
+    # on an error (a SystemExit from a worker), queued work is dropped, not run to the end
+    pool = ThreadPoolExecutor(workers)
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+# Explain latents and score the explanations: the LLM's, the token baseline and a random one (the
+# next latent's, in a ring), each by detection on the same held-out texts. Returns interp.json.
+def interpret(sae, info, codes, tok, backend, n_explain, which, seed, workers):
+    meta, a = documents(info, '--explain')
+    chat, judge, probabilities = backend
+    n = sae.W_dec.shape[0]
+    # the latents that can be explained and scored: enough contexts on both sides
+    n_train, n_test = context_counts(codes, a, n)
+    ok = np.nonzero((n_train >= MIN_EXPLAIN) & (n_test >= MIN_SCORE))[0]
+    enough = (f"this SAE has {len(ok)} latents that fire in {MIN_EXPLAIN}+ contexts of the "
+              f"explain documents and {MIN_SCORE}+ of the held-out ones")
+    bad = [i for i in which if i not in set(ok.tolist())]
+    if bad:
+        raise SystemExit(f"--latents: {bad[0]} cannot be explained and scored: {enough}")
+    if not which and n_explain > len(ok):
+        raise SystemExit(f"--explain={n_explain} is more than {enough}: pass at most {len(ok)}")
+    # uniformly among those, with the seed: a choice by density or by score would bias the mean
+    chosen = which or sorted(np.random.default_rng(seed).choice(ok, n_explain, replace=False))
+    t0 = time.time()
+    # each latent's examples with its own generator: the same latent gets the same examples
+    ex = [examples(i, codes, a, tok, np.random.default_rng([seed, i]), meta['labels'])
+          for i in chosen]
+    # step 1, every explanation: the random control needs another latent's
+    numbered = ['\n'.join(f'{j + 1}. {s}' for j, s in enumerate(e['snippets'])) for e in ex]
+    answers = parallel(lambda s: chat([{'role': 'user', 'content': EXPLAIN.format(snippets=s)}],
+                                      40), numbered, workers)
+    # the first line that says something, without a leading 'Explanation:' or quotes
+    llm = []
+    for text in answers:
+        lines = [re.sub(r'^(explanation|answer)\s*:\s*', '', s.strip(), flags=re.I).strip(' "*')
+                 for s in text.splitlines()]
+        llm.append(next((s for s in lines if s), '')[:200])
+
+    # the three explanations of latent j, scored on its held-out texts
+    def score(j):
+        kinds = {'llm': llm[j], 'token': ex[j]['token']}
+        if len(chosen) > 1:
+            kinds['random'] = llm[(j + 1) % len(chosen)]
+        s = {k: detection(judge(text, ex[j]['texts']), ex[j]['truth'], probabilities)
+             for k, text in kinds.items()}
+        acc = ' | '.join(f"{k} {v['balanced_accuracy']}" for k, v in s.items())
+        print(f"latent {chosen[j]:6d} | {acc} | {llm[j][:60]!r}", flush=True)
+        return s
+    # step 2, the scores; the time per latent covers examples, explaining and scoring
+    scores = parallel(score, range(len(chosen)), workers)
+    per = (time.time() - t0) / len(chosen)
+    out = {'latents': {}, 'summary': {}, 'prompt_version': PROMPT_VERSION,
+           'seconds_per_latent': round(per, 2)}
+    for j, i in enumerate(chosen):
+        e = ex[j]
+        out['latents'][str(i)] = {
+            'explanation': llm[j], 'token_baseline': e['token'], 'scores': scores[j],
+            'random_from': int(chosen[(j + 1) % len(chosen)]) if len(chosen) > 1 else None,
+            'topic': e['topic'],
+            'contexts': {'explain': e['contexts'][0], 'score': e['contexts'][1]},
+            'shown': len(e['snippets']), 'positives': sum(e['truth']),
+            'negatives': len(e['truth']) - sum(e['truth'])}
+    # the SAE's numbers: the LLM's explanations only mean something next to the controls'
+    for k in scores[0]:
+        out['summary'][k] = summarize([s[k] for s in scores])
+    return out
 
 # The page: it renders from the JSON embedded in it, with no server and no external asset. Plain
 # DOM and inline SVG, so that a reader can change it without a toolchain.
@@ -323,7 +856,7 @@ nav { position: sticky; top: 0; background: #fff; padding: .5em 0; border-bottom
 <h1 id="title"></h1><div id="overview"></div>
 <nav>latent <input id="jump" type="number" min="0" style="width:6em">
 <button id="prev">&lt;</button><button id="next">&gt;</button> sort by <select id="sort">
-<option>index</option><option>density</option></select>
+<option>index</option><option>density</option><option>score</option></select>
 <input id="q" placeholder="filter: a word in the examples" size="30"> <span id="shown"></span></nav>
 <div id="main"><ol id="list"></ol><div id="card"></div></div>
 <script type="application/json" id="data">DATA</script>
@@ -352,7 +885,9 @@ function curve(name, x, ys, w = 300, h = 60) {
 // the SAE as a whole: what it is, how good it is, how it trained, how its densities spread
 function overview() {
   $('title').textContent = `${D.model}, ${D.hook}: ${D.n_latents} latents, k=${D.k}`
-  const rows = Object.entries({...D.eval, dead_latents: D.dead})
+  const det = Object.fromEntries(Object.entries(D.detection).map(([k, v]) => ['detection_' + k, v]))
+  const rows = Object.entries({...D.eval, dead_latents: D.dead, ...det})
+    .filter(([k, v]) => v != null)
   let h = '<table>' + rows.map(([k, v]) => `<tr><td>${esc(k)}</td><td>${+v.toPrecision(5)}` +
     '</td></tr>').join('') + '</table>'
   if (D.curves.tokens.length) h += curve('batch FVU vs tokens', D.curves.tokens, D.curves.fvu) +
@@ -378,6 +913,9 @@ function card(i) {
   const toks = ts => ts.map(t => `<code>${esc(D.vocab[t])}</code>`).join(' ')
   $('card').innerHTML = `<h2 data-latent="${i}">latent ${i}</h2><p>density ` +
     `${(100 * l.density).toPrecision(3)}% (${l.count} activations), max ${l.max}</p>` +
+    (l.explanation === undefined ? '' : `<p>explanation: <b class="expl">${esc(l.explanation)}` +
+      `</b><br>detection, balanced accuracy (chance 0.5): <span class="score">${l.score}</span>` +
+      ` (token baseline ${l.token}, random explanation ${l.random})</p>`) +
     'nonzero activations, log scale' +
     bars(l.hist[1], edge(l.hist[0]), edge(l.hist[0] + l.hist[1].length)) +
     '<h3>top activations</h3>' + l.top.map(example).join('') + l.quant.map((exs, q) => exs.length ?
@@ -391,11 +929,14 @@ for (const l of D.latents) l.text = l.top.concat(...l.quant).map(ex => ex[0].map
 // the list: the live latents that pass the filter, in the chosen order
 let order = []
 function list() {
-  const key = {index: l => l.i, density: l => -l.density}[$('sort').value]
+  // by score: the explained latents first, best first
+  const key = {index: l => l.i, density: l => -l.density,
+               score: l => -(l.score ?? -1)}[$('sort').value]
   const w = $('q').value.toLowerCase()
   order = D.latents.filter(l => l.text.includes(w)).sort((a, b) => key(a) - key(b)).map(l => l.i)
   $('list').innerHTML = order.map(i => `<li><a href="#${i}">${i}</a> ` +
-    `${(100 * byId.get(i).density).toPrecision(2)}%</li>`).join('')
+    `${(100 * byId.get(i).density).toPrecision(2)}%` + (byId.get(i).score == null ? '' :
+    ` <b>${byId.get(i).score}</b>`) + '</li>').join('')
   $('shown').textContent = `${order.length} of ${D.latents.length} live latents`
 }
 const show = () => card(location.hash.length > 1 ? +location.hash.slice(1) : order[0])
@@ -445,9 +986,17 @@ if __name__ == '__main__':
     folder = sae_path
     if sae_path.endswith('.safetensors'):
         folder = os.path.dirname(os.path.abspath(sae_path))
-    # no task named: do the default pair, evaluate and browse
-    if not (eval or browse or prompt):
+    # --latents=3,17: a list of latent indices in range
+    which = [int(s) for s in latents.split(',') if s.strip().lstrip('-').isdigit()]
+    if len(which) != len([s for s in latents.split(',') if s.strip()]) or \
+            not all(0 <= i < n for i in which):
+        raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
+                         f"0..{n - 1}, e.g. --latents=3,17,42")
+    # no task named: the default, evaluate and browse (and probe, when the capture has labels)
+    if not (eval or browse or prompt or probe or explain or which):
         eval = browse = True
+        cap_meta = os.path.join(info['data_dir'], 'meta.json')
+        probe = os.path.exists(cap_meta) and bool(json.load(open(cap_meta)).get('labels'))
 
     # -------------------------------------------------------------------------
     # evaluate on text the SAE never saw: the default corpus's held-out articles, or --data
@@ -455,11 +1004,65 @@ if __name__ == '__main__':
         if not data and info['capture']['corpus'] != 'wiki':
             raise SystemExit("--data= is needed: text the SAE did not train on (.txt, folder, "
                              ".jsonl)")
-        docs = read_docs(data) if data else read_docs('wiki', 'heldout')
-        ctxs = contexts(tok, docs, info['ctx_len'], eval_tokens, skip)
+        docs, _ = read_docs(data) if data else read_docs('wiki', 'heldout')
+        ctxs, _ = contexts(tok, docs, info['ctx_len'], eval_tokens, skip)
         r = evaluate_lm(lm, block, sae, ctxs, skip, batch_size, device)
         print('\n'.join(f"{key:28s} {v:.4f}" for key, v in r.items()))
         write_file(os.path.join(folder, 'eval.json'), json.dumps(r, indent=1))
+
+    # -------------------------------------------------------------------------
+    # probe and explain: both on every row's codes, computed once (about 2 minutes for the
+    # default 1M rows on 2 cores)
+    if probe or explain or which:
+        t0 = time.time()
+        codes = encode_all(sae, os.path.join(info['data_dir'], 'acts.npy'))
+        print(f"encoded {len(codes[0])} rows of the capture in {time.time() - t0:.0f}s")
+    if probe:
+        t0 = time.time()
+        r = probe_capture(sae, info, codes)
+        # a capture too small for any class (a few thousand tokens) has nothing to report
+        probe = r['probe_classes'] > 0
+        if not probe:
+            print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
+    if probe:
+        # one line per k: the SAE's top-k latents against the top-k residual dimensions
+        ks = sorted({int(k.split('top')[1]) for k in r if '_top' in k})
+        print(f"k-sparse probes, {r['probe_classes']} classes, held-out documents "
+              f"({time.time() - t0:.0f}s):")
+        for k in ks:
+            print(f"  top-{k:<2d} SAE {r[f'probe_sae_top{k}']:.3f} | residual "
+                  f"{r[f'probe_residual_top{k}']:.3f}")
+        print(f"  full residual {r['probe_residual_full']:.3f}")
+        for name, b in r['probe_best_latent'].items():
+            print(f"  {name:30s} latent {b['latent']:6d} {b['accuracy']:.3f}")
+        # beside the evaluation's numbers, when there are some
+        f = os.path.join(folder, 'eval.json')
+        old = json.load(open(f)) if os.path.exists(f) else {}
+        write_file(f, json.dumps({**old, **r}, indent=1))
+    if explain or which:
+        name = explainer or info['model']
+        # every answer of every explainer, beside the SAE: its key holds the model's name
+        cache = Cache(os.path.join(folder, 'interp_cache.jsonl'))
+        if name.startswith(('http://', 'https://')):
+            if not explainer_model:
+                raise SystemExit(f"--explainer={name} is an endpoint: name the model it serves "
+                                 f"with --explainer_model=, e.g. llama3.1:8b (Ollama)")
+            # text answers only: balanced accuracy, no AUROC
+            backend = (*http_backend(name, explainer_model, api_key_env, cache, timeout), False)
+            workers = requests_in_flight
+        else:
+            # the SAE's own model is loaded already
+            xlm, xtok = (lm, tok) if name == info['model'] else load_model(name, device)
+            # one call at a time: a forward pass already uses every core
+            backend, workers = (*local_backend(xlm, xtok, name, cache, batch_size), True), 1
+        r = interpret(sae, info, codes, tok, backend, explain, which, seed, workers)
+        r.update(explainer=name, explainer_model=explainer_model or None)
+        write_file(os.path.join(folder, 'interp.json'), json.dumps(r, indent=1))
+        for k, s in r['summary'].items():
+            print(f"{k:6s} explanations: balanced accuracy {s['mean']} +- {s['sd']}, "
+                  f"{s['share_at_least_0.7']} at 0.7+, {s.get('auroc_mean', '-')} AUROC, "
+                  f"{s['failed_answers']} answers unparsed")
+        print(f"wrote {folder}/interp.json: {r['seconds_per_latent']}s per latent with {name}")
     if browse:
         dashboard(lm, tok, sae, info, folder, browse_latents, n_examples)
 
