@@ -939,7 +939,7 @@ def test_explain_with_a_local_model_and_bad_input(tiny, labelled, tmp_path):
     assert open(sae / 'interp_cache.jsonl').readlines() == lines
     assert json.load(open(sae / 'interp.json'))['latents'] == r['latents']
     fails(['steer.py', f'--sae_path={sae}', '--explain=2'], 'has no chat template')
-    fails(['steer.py', f'--sae_path={sae}', '--explain=100000'], 'pass at most')
+    fails(['steer.py', f'--sae_path={sae}', f'--explainer={chat}', '--explain=100000'], 'pass at most')
     fails(['steer.py', f'--sae_path={sae}', '--latents=3,x'], 'comma-separated')
     fails(['steer.py', f'--sae_path={sae}', '--explain=1', '--explainer=http://127.0.0.1:9/v1',
            '--explainer_model=m'], 'no answer from http://127.0.0.1:9/v1')
