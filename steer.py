@@ -10,7 +10,7 @@ $ python steer.py --probe=True                          # k-sparse probes on the
 $ python steer.py --explain=50                          # explain and score 50 latents: interp.json
 $ python steer.py --explain=50 --explainer=http://localhost:11434/v1 --explainer_model=llama3.1:8b
 """
-import os, re, sys, json, math, time, shlex, hashlib, threading, urllib.request, urllib.error
+import os, re, sys, copy, json, math, time, shlex, hashlib, threading, urllib.request, urllib.error
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
@@ -266,7 +266,9 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
     capture_of(info)
     # the one pass over the capture, timed for the README
     t0 = time.time()
-    count, hist, (top, sample) = scan(sae, os.path.join(cap, 'acts.npy'), E, R)
+    # on the CPU, beside the arrays it reads (a copy: the model and the SAE may be on a GPU)
+    cpu_sae = copy.deepcopy(sae).cpu()
+    count, hist, (top, sample) = scan(cpu_sae, os.path.join(cap, 'acts.npy'), E, R)
     t_scan = time.time() - t0
     arrays = {f: np.load(os.path.join(cap, f + '.npy')) for f in ('tokens', 'ctx', 'pos', 'first')}
     # live latents only: a latent that never fired has nothing to show
