@@ -196,25 +196,23 @@ if __name__ == '__main__':
     ident = {k: v for k, v in config.items()
              if k not in ('out_dir', 'log_seconds', 'bench', 'device')}
     # meta.json: a finished capture; plan.json: a started one (its arrays are laid out)
-    finished = None
     for name in ('meta.json', 'plan.json'):
         p = os.path.join(out_dir, name)
         if not os.path.exists(p) or bench:
             continue
         with open(p) as f:
-            finished = json.load(f)
-        old = finished['config']
+            found = json.load(f)
+        old = found['config']
         diff = [f"{k}={old.get(k)!r} (now {ident[k]!r})" for k in ident if old.get(k) != ident[k]]
         if diff:
             raise SystemExit(f"'{out_dir}' holds a different capture ({', '.join(diff)}): remove "
                              f"the folder or pass another --out_dir")
-        # a capture made before documents were recorded only gains doc.npy and label.npy, below
-        if name == 'meta.json' and 'labels' in finished:
+        if name == 'meta.json' and 'labels' in found:
             print(f"'{out_dir}' is already a complete capture of this config")
             raise SystemExit(0)
-        if name == 'meta.json':
-            break
-        finished = None
+    # a complete capture made before documents were recorded only gains doc.npy and label.npy, below
+    p = os.path.join(out_dir, 'meta.json')
+    finished = json.load(open(p)) if os.path.exists(p) and not bench else None
 
     # -------------------------------------------------------------------------
     # model and corpus, cut into contexts

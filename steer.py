@@ -364,8 +364,7 @@ def documents(info, why):
         args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in meta['config'].items())
         raise SystemExit(f"{why} needs each context's document, which '{cap}' predates: add them "
                          f"with `python capture.py {args} --out_dir={cap}` (no forward pass)")
-    a = {f: np.load(os.path.join(cap, f + '.npy')) for f in
-         ('tokens', 'ctx', 'pos', 'first', 'doc', 'label')}
+    a = {f: np.load(os.path.join(cap, f + '.npy')) for f in ('tokens', 'ctx', 'doc', 'label')}
     # per row, through its context: the document and the label index (-1: none)
     a['row_doc'], a['row_label'] = a['doc'][a['ctx']], a['label'][a['ctx']]
     return meta, a
