@@ -822,8 +822,9 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
 class Endpoint(BaseHTTPRequestHandler):
     """A chat-completions server that follows the explanation: an explain request gets "the token
     'X'" (X marked most often), a detection request a list saying whether each text holds X.
-    `fail` holds status codes to answer first; a request numbered `hold` waits for `gate`."""
-    log, auth, fail, hold, gate = [], [], [], 0, threading.Event()
+    `fail` holds status codes to answer first (`failed` gets those requests); a request numbered
+    `hold` waits for `gate`."""
+    log, auth, fail, failed, hold, gate = [], [], [], [], 0, threading.Event()
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers['Content-Length']))
@@ -834,6 +835,7 @@ class Endpoint(BaseHTTPRequestHandler):
             cls.gate.wait()
             return
         if cls.fail:
+            cls.failed.append(body)
             self.send_response(cls.fail.pop(0))
             self.send_header('Retry-After', '0')
             self.end_headers()
@@ -855,7 +857,7 @@ class Endpoint(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def endpoint():
-    Endpoint.log, Endpoint.auth, Endpoint.fail, Endpoint.hold = [], [], [], 0
+    Endpoint.log, Endpoint.auth, Endpoint.fail, Endpoint.failed, Endpoint.hold = [], [], [], [], 0
     Endpoint.gate = threading.Event()
     server = ThreadingHTTPServer(('127.0.0.1', 0), Endpoint)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -890,11 +892,14 @@ def test_explain_through_an_http_endpoint(tiny, labelled, endpoint, tmp_path):
     p.kill()
     p.wait()
     Endpoint.gate.set()
-    Endpoint.fail = [429]
+    Endpoint.fail, Endpoint.failed = [429], []
     run(*args, '--requests_in_flight=2', env={**ENV, 'NANOSAE_TEST_KEY': 'k1'})
     sent = Counter(Endpoint.log)
-    # the held request (never answered) three times: held, answered 429, answered; all others once
-    assert sent.most_common(2) == [(Endpoint.log[9], 3), (Endpoint.log[0], 1)]
+    # each request answered once; sent once more where it was held (never answered) and where it
+    # got the 429 (which of the two threads' requests that is depends on which arrives first)
+    assert len(Endpoint.failed) == 1 and len(sent) > 10
+    for body, n in sent.items():
+        assert n == 1 + (body == Endpoint.log[9]) + Endpoint.failed.count(body)
     # one cached answer per distinct request the server answered
     assert set(Endpoint.auth[1:]) == {'Bearer k1'}
     assert len(open(sae / 'interp_cache.jsonl').readlines()) == len(sent)
