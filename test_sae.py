@@ -612,7 +612,9 @@ def encoded_capture(sae, cap):
 def test_dashboard_data_matches_the_capture(tiny, trained):
     """browser.json, for every live latent, against the capture encoded here: the nonzero count,
     the histogram's total, the top example's firing token and value (the row where the latent is
-    largest), the top examples in falling order, and the quantile groups in rising order."""
+    largest), the top examples in falling order, and the quantile groups in rising order. And the
+    scan behind it, given codes encoded once (as the default run with probes does), against those
+    codes: counts, the E largest values per latent, each one's row and window."""
     run('steer.py', f'--sae_path={trained}', '--browse=True', '--n_examples=3')
     z, tokens = encoded_capture(load_sae(trained)[0], tiny['cap'])
     data = json.load(open(os.path.join(trained, 'browser.json')))
@@ -627,6 +629,18 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
         assert [ex[3] for ex in l['top']] == sorted([ex[3] for ex in l['top']], reverse=True)
         q = [ex[3] for group in l['quant'] for ex in group]
         assert q == sorted(q) and len(q) == min(10, l['count'])
+    # slices of 64 rows, so that windows cross the slices' edges (ties among equal values may
+    # keep any of their rows: each kept row is checked, not which)
+    sae, acts = load_sae(trained)[0], os.path.join(tiny['cap'], 'acts.npy')
+    codes = steer.encode_all(sae, acts)
+    z = torch.zeros(len(codes[0]), sae.W_dec.shape[0]).scatter_(1, codes[1], codes[0])
+    count, hist, ((key, row, win), _) = steer.scan(sae, acts, 3, 10, chunk=64, codes=codes)
+    assert torch.equal(count, (z > 0).sum(0)) and torch.equal(hist.sum(1), count)
+    top = z.topk(3, dim=0).values.T
+    assert torch.equal(key, top.masked_fill(top <= 0, -math.inf))
+    L, kept = torch.nonzero(key > -math.inf)[:, 0], key > -math.inf
+    q = (row[kept][:, None] + torch.arange(-steer.BEFORE, steer.AFTER + 1)).clamp(0, len(z) - 1)
+    assert torch.equal(z[row[kept], L], key[kept]) and torch.equal(z[q, L[:, None]], win[kept])
 
 def chromium_dom(url, tmp_path):
     """The DOM after the page's script has run, from Debian's chromium, headless."""
@@ -761,10 +775,15 @@ def test_k_sparse_probe_finds_a_planted_latent():
     assert r['probe_residual_full'] > r['probe_residual_top1']
 
 def test_probe_end_to_end_and_its_bad_input(tiny, trained, labelled):
-    """`--probe=True` writes its numbers into eval.json; a capture without labels is one line."""
-    out = run('steer.py', f'--sae_path={labelled["sae"]}', '--probe=True').stdout
+    """`--probe=True` writes its numbers into eval.json; a capture without labels is one line.
+    With the dashboard in the same run (as by default), its scan reads the probes' codes: the
+    same live latents as the capture encoded here."""
+    out = run('steer.py', f'--sae_path={labelled["sae"]}', '--probe=True', '--browse=True').stdout
     ev = json.load(open(os.path.join(labelled['sae'], 'eval.json')))
     assert ev['probe_classes'] == 3 and 0 <= ev['probe_sae_top1'] <= 1 and 'top-5' in out
+    z, _ = encoded_capture(load_sae(labelled['sae'])[0], labelled['cap'])
+    data = json.load(open(os.path.join(labelled['sae'], 'browser.json')))
+    assert [l['i'] for l in data['latents']] == torch.nonzero((z > 0).sum(0)).flatten().tolist()
     assert set(ev['probe_best_latent']) == {'topic0', 'topic1', 'topic2'}
     fails(['steer.py', f'--sae_path={trained}', '--probe=True'], 'needs document labels')
 
