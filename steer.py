@@ -642,17 +642,16 @@ def local_backend(lm, tok, name, cache, batch_size):
     # the explainer may be the SAE's own model, on its device
     dev = next(lm.parameters()).device
 
-    # the prompt a chat model sees for one user message
-    def prompt(text):
-        return tok.apply_chat_template([{'role': 'user', 'content': text}], tokenize=False,
-                                       add_generation_prompt=True)
+    # the text a chat model reads for a list of messages, up to where its answer starts
+    def prompt(messages):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()
     def chat(messages, max_tokens):
         # greedy decoding: temperature 0, the same answer on every machine that computes alike
         def ask():
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            x = tok(text, add_special_tokens=False, return_tensors='pt').input_ids.to(dev)
+            x = tok(prompt(messages), add_special_tokens=False, return_tensors='pt').input_ids
+            x = x.to(dev)
             out = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
                               do_sample=False, pad_token_id=tok.eos_token_id)
             return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
@@ -660,7 +659,8 @@ def local_backend(lm, tok, name, cache, batch_size):
 
     @torch.no_grad()
     def judge(explanation, texts):
-        prompts = [prompt(DETECT_ONE.format(explanation=explanation, text=t)) for t in texts]
+        asks = [DETECT_ONE.format(explanation=explanation, text=t) for t in texts]
+        prompts = [prompt([{'role': 'user', 'content': a}]) for a in asks]
         # the prompts not answered yet, in batches, right-padded: each one's logits at its own
         # last token
         todo, p = [q for q in prompts if {'model': name, 'p_yes': q} not in cache], {}
