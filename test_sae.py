@@ -638,7 +638,8 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
     assert torch.equal(count, (z > 0).sum(0)) and torch.equal(hist.sum(1), count)
     top = z.topk(3, dim=0).values.T
     assert torch.equal(key, top.masked_fill(top <= 0, -math.inf))
-    L, kept = torch.nonzero(key > -math.inf)[:, 0], key > -math.inf
+    kept = key > -math.inf
+    L = torch.nonzero(kept)[:, 0]
     q = (row[kept][:, None] + torch.arange(-steer.BEFORE, steer.AFTER + 1)).clamp(0, len(z) - 1)
     assert torch.equal(z[row[kept], L], key[kept]) and torch.equal(z[q, L[:, None]], win[kept])
 
