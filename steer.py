@@ -11,7 +11,8 @@ $ python steer.py --explain=50                          # explain and score 50 l
 $ python steer.py --explain=50 --explainer=path/to/model.gguf      # a local instruct model
 $ python steer.py --explain=50 --explainer=http://localhost:11434/v1 --explainer_model=llama3.1:8b
 """
-import os, re, sys, copy, json, math, time, inspect, hashlib, threading, urllib.request, urllib.error
+import os, re, sys, copy, json, math, time, inspect, hashlib, threading
+import urllib.request, urllib.error
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
@@ -115,12 +116,14 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     # each mode is a function of the block's output; None runs the clean model
     modes = {'clean': None, 'spliced': sae_fn(sae), 'spliced+error': sae_fn(sae, error=True),
              'zero_ablated': torch.zeros_like, 'mean_ablated': lambda h: mean.expand_as(h)}
+    # sums over tokens, divided by the token count at the end
     ce, kl, n = dict.fromkeys(modes, 0.0), 0.0, 0
     for j in range(0, len(ctxs), bs):
         ids, mask = pad(ctxs[j:j + bs], device)
         # predictions from positions >= skip, of real tokens
         tgt = mask[:, skip + 1:].bool()
         for name, fn in modes.items():
+            # one forward per mode, the hook removed before the next
             handle = attach(block, fn, skip) if fn else None
             logits = lm(input_ids=ids, attention_mask=mask).logits
             logp = F.log_softmax(logits[:, skip:-1].float(), -1)[tgt]
@@ -149,6 +152,7 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
 def encode_all(sae, acts, chunk=8192):
     N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
     vals, idx = [], []
+    # chunks in row order: the file is read once, front to back; the codes go to the CPU
     for s in range(0, N, chunk):
         v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
         vals.append(v.cpu())
@@ -196,10 +200,12 @@ def logistic(X, y, X_test, y_test):
 # most between the classes on the train documents, and a logistic probe on those. The same on the
 # residual stream's dimensions, and on all of them. Features are per-document means (docs, f).
 def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
+    # the negatives are drawn with a fixed seed: a rerun gives the same numbers
     g = torch.Generator().manual_seed(seed)
     acc = {f'{kind}_top{k}': [] for kind in ('sae', 'residual') for k in ks}
     acc['residual_full'], best = [], {}
     for c, name in enumerate(names):
+        # balanced sets: every positive, and as many negatives at random, per split
         sets = []
         for split in (~test, test):
             pos = torch.nonzero(split & (label == c)).flatten()
@@ -212,6 +218,7 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
         if min(len(tr), len(te)) < 4:
             continue
         for kind, X in (('sae', lat), ('residual', res)):
+            # the features ranked by |mean over positives - mean over negatives|, train only
             order = (X[tr][y == 1].mean(0) - X[tr][y == 0].mean(0)).abs().argsort(descending=True)
             for k in ks:
                 f = order[:k]
@@ -221,6 +228,7 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
                 best[name] = {'latent': order[0].item(), 'accuracy': acc['sae_top1'][-1]}
         # the ceiling: every residual dimension, what a dense linear probe reaches
         acc['residual_full'].append(logistic(res[tr], y, res[te], y_te))
+    # the mean over classes, then each class's best single latent
     out = {f'probe_{key}': sum(v) / max(len(v), 1) for key, v in acc.items()}
     return {**out, 'probe_classes': len(best), 'probe_best_latent': best}
 
@@ -231,16 +239,19 @@ def probe_capture(sae, meta, a, codes, acts):
     # documents renumbered 0..D-1 in order of first appearance
     docs, row_doc = np.unique(a['row_doc'], return_inverse=True)
     D, n, row_doc = len(docs), sae.W_dec.shape[0], torch.from_numpy(row_doc)
+    # the stored rows of each document: the divisor of both means
     rows = torch.bincount(row_doc, minlength=D).float()[:, None]
     # (D, n) latent sums from the k codes of each row (dense: 10k documents x 9216 latents is
     # 370 MB), then means
     lat = torch.zeros(D, n).index_put_((row_doc[:, None].expand_as(idx), idx), vals,
                                        accumulate=True) / rows
+    # the residual stream, summed per document as it streams from disk
     res = torch.zeros(D, meta['d_model'])
     for s in range(0, meta['N'], 65536):
         r = np.arange(s, min(meta['N'], s + 65536))
         res.index_add_(0, row_doc[r], read_rows(acts, r))
     res /= rows
+    # each document's label: that of its contexts (all the same)
     label = torch.zeros(D, dtype=torch.long)
     label[row_doc] = torch.from_numpy(a['row_label']).long()
     return sparse_probe(lat, res, label, torch.from_numpy(held_out(docs)), meta['labels'])
@@ -271,6 +282,7 @@ DETECT_MANY = ("A feature of a language model responds to: {explanation}\n\nFor 
 # How many contexts each latent fires in, on the explain side and on the score side (n,) each.
 def context_counts(codes, a, n):
     vals, idx = codes
+    # the row of each firing code (a code whose value ReLU zeroed did not fire)
     rows = torch.arange(len(idx))[:, None].expand_as(idx)[vals > 0].numpy()
     # each (context, latent) pair once, then split by its context's document
     pairs = np.unique(a['ctx'][rows].astype(np.int64) * n + idx[vals > 0].numpy())
@@ -281,6 +293,7 @@ def context_counts(codes, a, n):
 # The rows of the window around row r, within its context (a context's rows are consecutive).
 def window(r, a):
     c = a['ctx'][r]
+    # clipped to the context's first and last rows, found by binary search
     lo = max(r - W_BEFORE, np.searchsorted(a['ctx'], c))
     return np.arange(lo, min(r + W_AFTER + 1, np.searchsorted(a['ctx'], c, side='right')))
 
@@ -288,6 +301,7 @@ def window(r, a):
 # marked <<like this>> (a run of marked tokens is one mark; a leading space stays outside).
 def show(rows, tok, a, acts=None, mark=math.inf):
     out = ''
+    # no activations: plain text (the scorer's texts carry no marks)
     acts = np.zeros(len(rows)) if acts is None else acts
     for t, v in zip(a['tokens'][rows], acts):
         s = tok.decode([int(t)])
@@ -302,6 +316,7 @@ def show(rows, tok, a, acts=None, mark=math.inf):
 def examples(i, codes, a, tok, rng, names):
     vals, idx = codes
 
+    # the latent on every row of a set of rows
     def on(rows):
         return (vals[rows] * (idx[rows] == i)).sum(1).numpy()
 
@@ -322,11 +337,13 @@ def examples(i, codes, a, tok, rng, names):
     shown = np.concatenate([train[:10], spread(train[10:], 1)])
     # marks at 0.3 of the latent's largest value (delphi's threshold)
     mark = 0.3 * on(train[:1])[0]
+    # positives over the whole range too: a score on top examples alone would flatter
     pos = spread(test, 2)
     # the latent's topic: the most common label of its peaks' documents (-1: no labels); its
     # negatives from the same topic test the explanation, not the topic's vocabulary
     labels = a['row_label'][train]
     topic = int(np.bincount(labels[labels >= 0]).argmax()) if (labels >= 0).any() else -1
+    # negatives: windows of held-out rows where the latent is 0 on every token
     pool, negs = np.nonzero(held_out(a['row_doc']))[0], []
     for rows, m in ((pool[a['row_label'][pool] == topic], 10), (pool, 20)):
         for s in rng.choice(rows, min(len(rows), 40 * m), replace=False):
@@ -337,7 +354,9 @@ def examples(i, codes, a, tok, rng, names):
     # the token baseline: the tokens at the peaks that make up 10% of them or more (at most 3)
     count = Counter(tok.decode([int(t)]).strip() for t in a['tokens'][train])
     common = [t for t, c in count.most_common(3) if c >= 0.1 * len(train)]
+    # a latent with no dominant token still gets a baseline: its single most common one
     common = common or [count.most_common(1)[0][0]]
+    # the scorer's texts: positives then negatives (the truth says which), all unmarked
     scored = np.concatenate([pos, negs]).astype(int)
     return {'snippets': [show(window(s, a), tok, a, on(window(s, a)), mark) for s in shown],
             'texts': [show(window(s, a), tok, a) for s in scored],
@@ -380,7 +399,7 @@ def cached(cache, log, request, ask):
 # A local instruct model as the explainer: chat(messages, max_tokens) -> its greedy answer, and
 # judge(explanation, texts) -> P(yes) per text, read off the next-token logits after each
 # DETECT_ONE prompt (no parsing: 'yes' against 'no'). Every prompt of one explanation starts with
-# the same tokens: those are computed once, and the texts run batched on their KV cache.
+# the same tokens: those are computed once, and the rest of each runs batched on their KV cache.
 def local_backend(name, lm, tok, cache, log, batch_size):
     if not tok.chat_template:
         raise SystemExit(f"--explainer={name} has no chat template: pass an instruct (chat) "
@@ -415,25 +434,35 @@ def local_backend(name, lm, tok, cache, log, batch_size):
 
     @torch.no_grad()
     def judge(explanation, texts):
-        # the prompt split at the text: the head depends on the explanation alone
-        head, tail = prompt(DETECT_ONE.format(explanation=explanation, text='\0')).split('\0')
-        asks = {t: {'model': name, 'p_yes': head + t + tail} for t in texts}
+        asks = {t: {'model': name, 'p_yes': prompt(DETECT_ONE.format(explanation=explanation,
+                                                                     text=t))} for t in texts}
+        # only the texts not answered yet reach the model
         todo, p = [t for t in asks if cache_key(asks[t]) not in cache], {}
+        # each prompt tokenized whole, as it would be alone; the tokens they all start with (the
+        # explanation's part) go through the model once, and each keeps one token of its own
+        xs = [tok(asks[t]['p_yes'], add_special_tokens=False).input_ids for t in todo]
+        P = min([len(os.path.commonprefix(xs))] + [len(x) - 1 for x in xs])
         if todo:
-            x = encode(head)
-            kv = getattr(lm(input_ids=x, use_cache=True), kv_name)
+            head = torch.tensor([xs[0][:P]], device=dev)
+            kv = getattr(lm(input_ids=head, use_cache=True), kv_name)
         for j in range(0, len(todo), batch_size):
-            # texts right-padded after the head: each one's logits at its own last token
-            xs = [encode(t + tail)[0].cpu().numpy() for t in todo[j:j + batch_size]]
-            ids, mask = pad(xs, dev)
+            # the rest of each prompt right-padded after the head: its logits at its last token
+            rest = [np.array(x[P:]) for x in xs[j:j + batch_size]]
+            ids, mask = pad(rest, dev)
             past = copy.deepcopy(kv)
-            past.batch_repeat_interleave(len(xs))
-            mask = torch.cat([torch.ones_like(x).expand(len(xs), -1), mask], 1)
-            logits = lm(input_ids=ids, attention_mask=mask, **{kv_name: past}).logits
-            logp = logits[torch.arange(len(xs)), [len(q) - 1 for q in xs]].float().log_softmax(-1)
+            past.batch_repeat_interleave(len(rest))
+            mask = torch.cat([torch.ones_like(head).expand(len(rest), -1), mask], 1)
+            # logits only from the shortest row's last token on (the unembedding is a fifth of a
+            # small model's compute): row r's last token is then at len(r) - 1 - start
+            start = min(map(len, rest)) - 1
+            logits = lm(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - start,
+                        **{kv_name: past}).logits
+            last = logits[torch.arange(len(rest)), [len(r) - 1 - start for r in rest]]
+            logp = last.float().log_softmax(-1)
             # P(yes) / (P(yes) + P(no)), each summed over its spellings
             for t, lp in zip(todo[j:j + batch_size], logp):
                 p[t] = torch.sigmoid(lp[yes].logsumexp(0) - lp[no].logsumexp(0)).item()
+        # each answer stored under its own prompt: a resumed run asks only what is missing
         return [cached(cache, log, asks[t], lambda: p[t]) for t in texts]
     return chat, judge
 
@@ -443,13 +472,16 @@ def local_backend(name, lm, tok, cache, log, batch_size):
 # backoff (the server's Retry-After when it gives one); anything else is one line.
 def http_backend(url, model, key_env, cache, log, timeout):
     url = url.rstrip('/')
+    # local servers need no key: none is sent, not even an empty one
     headers = {'Content-Type': 'application/json'}
     if os.environ.get(key_env):
         headers['Authorization'] = f'Bearer {os.environ[key_env]}'
 
+    # one POST, its answer's text
     def post(body):
         # five tries at most: waits of 1, 2, 4, 8 s between them
         for attempt in range(5):
+            # the same request each try: the cache keys it, the server sees it again
             req = urllib.request.Request(f'{url}/chat/completions', json.dumps(body).encode(),
                                          headers)
             try:
@@ -469,6 +501,7 @@ def http_backend(url, model, key_env, cache, log, timeout):
                 # rate-limited or overloaded: the server's Retry-After seconds (at most a minute)
                 wait = e.headers.get('Retry-After') or ''
                 time.sleep(min(60.0, float(wait) if wait.isdigit() else 2.0 ** attempt))
+            # no answer at all: refused, unknown host, timed out
             except (urllib.error.URLError, OSError) as e:
                 raise SystemExit(f"no answer from {url}/chat/completions "
                                  f"({getattr(e, 'reason', e)}): check that the server runs and "
@@ -487,11 +520,14 @@ def http_backend(url, model, key_env, cache, log, timeout):
     def judge(explanation, texts):
         out = []
         for j in range(0, len(texts), 5):
+            # numbered and quoted: the answer's list follows the numbers
             group = texts[j:j + 5]
             numbered = '\n'.join(f'{n + 1}. "{t}"' for n, t in enumerate(group))
             text = DETECT_MANY.format(explanation=explanation, texts=numbered)
+            # the first [...] of 0s and 1s in the answer, however much text is around it
             found = re.search(r'\[[\d\s,]*\]', chat([{'role': 'user', 'content': text}], 30))
             got = json.loads(found.group()) if found else []
+            # a list of another length or with other values is not guessed at
             ok = len(got) == len(group) and set(got) <= {0, 1}
             out += [float(x) for x in got] if ok else [None] * len(group)
         return out
@@ -552,6 +588,7 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
         raise SystemExit(f"--explain={n_explain} is more than {enough}: pass at most {len(ok)}")
     # uniformly among those, with the seed: a choice by density or by score would bias the mean
     chosen = which or sorted(np.random.default_rng(seed).choice(ok, n_explain, replace=False))
+    # the clock for seconds_per_latent starts after the model load and the encoding
     t0 = time.time()
     # each latent's examples with its own generator: the same latent gets the same examples
     ex = [examples(i, codes, a, tok, np.random.default_rng([seed, i]), meta['labels'])
@@ -567,6 +604,7 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
                  for s in text.splitlines()]
         llm.append(next((s for s in lines if s), '')[:200])
 
+    # the three explanations of latent j, scored on its held-out texts
     def score(j):
         kinds = {'llm': llm[j], 'token': ex[j]['token']}
         if len(chosen) > 1:
@@ -576,6 +614,7 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
         acc = ' | '.join(f"{k} {v['balanced_accuracy']}" for k, v in s.items())
         print(f"latent {chosen[j]:6d} | {acc} | {llm[j][:60]!r}", flush=True)
         return s
+    # the time per latent covers examples, explaining and scoring
     scores = parallel(score, range(len(chosen)), workers)
     out = {'latents': {}, 'summary': {}, 'prompt_version': PROMPT_VERSION,
            'seconds_per_latent': round((time.time() - t0) / len(chosen), 2)}
@@ -607,6 +646,7 @@ N_BINS = 96
 def keep_largest(key, lat, n, m):
     key = torch.cat([key, torch.full((n * m,), -math.inf)])
     lat = torch.cat([lat, torch.arange(n).repeat_interleave(m)])
+    # by key first, then by latent: the stable sort keeps the key order within a latent
     o = key.argsort(descending=True)
     o = o[lat[o].argsort(stable=True)]
     lo = lat[o]
@@ -622,18 +662,23 @@ def keep_largest(key, lat, n, m):
 @torch.no_grad()
 def scan(codes, n, E, R):
     vals, idx = codes
+    # one flat list of (value, latent) per code; a code's row is its index divided by k
     v, lat = vals.flatten(), idx.flatten()
     # top-k keeps k entries per row, but ReLU may have zeroed some: those did not fire
     fired = v > 0
+    # how many rows each latent fires on (one entry per row: top-k picks a latent once)
     count = torch.bincount(lat[fired], minlength=n)
+    # log2 bins, 4 per octave from 2^-10; anything smaller goes in the first bin
     bins = ((v[fired].log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
     hist = torch.bincount(lat[fired] * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
     # the sample's keys from a fixed seed: the same capture gives the same page
+    # the R largest random keys of a latent are a uniform sample of its firings
     rand = torch.rand(len(v), generator=torch.Generator().manual_seed(0))
     sets = []
     for key, m in ((v, E), (rand, R)):
         sel, key = keep_largest(key.masked_fill(~fired, -math.inf), lat, n, m)
         # an empty slot points at a padding candidate: its row is clamped, its value -inf
+        # a candidate's row: its place in the flattened (N, k) codes, divided by k
         row = (sel // idx.shape[1]).clamp(max=len(idx) - 1)
         value = torch.where(key[sel] > -math.inf, v[sel.clamp(max=len(v) - 1)], -math.inf)
         # the latent on the window's rows (clamped at the capture's ends)
@@ -645,11 +690,13 @@ def scan(codes, n, E, R):
 # The example at row r within its context (with the context's token 0 when the capture did not
 # store it): token ids, the latent's activations, the firing token's place, its value.
 def example(r, win, value, a):
+    # the window's rows that exist and belong to the same context
     rows = np.arange(r - BEFORE, r + AFTER + 1)
     inside = (rows >= 0) & (rows < len(a['ctx']))
     inside[inside] = a['ctx'][rows[inside]] == a['ctx'][r]
     ids, acts = a['tokens'][rows[inside]].tolist(), win[inside].tolist()
     at = int(inside[:BEFORE].sum())
+    # the window reaches the start of a context whose token 0 is not a row
     if a['pos'][rows[inside][0]] == 1:
         ids, acts, at = [int(a['first'][a['ctx'][r]])] + ids, [0.0] + acts, at + 1
     return {'tokens': ids, 'acts': acts, 'at': at, 'value': value}
@@ -657,6 +704,7 @@ def example(r, win, value, a):
 # Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
 # it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
 def logit_effects(lm, sae, live):
+    # the final norm sits beside the list of blocks (model.norm, transformer.ln_f, ...)
     base = lm.get_submodule(blocks(lm)[0].rsplit('.', 1)[0])
     norm = next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
     up, down = [], []
@@ -673,8 +721,10 @@ def logit_effects(lm, sae, live):
 def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
     n = sae.W_dec.shape[0]
     count, hist, sets = scan(codes, n, E, R)
+    # live latents only: a latent that never fired has nothing to show
     live = torch.nonzero(count).flatten()[:n_show or None]
     up, down = logit_effects(lm, sae, live)
+    # every example of both sets, by (set, latent), as named fields
     ex = {}
     for kind, (value, row, win) in zip(('top', 'sample'), sets):
         value, row, win = value.numpy(), row.numpy(), win.numpy()
@@ -682,6 +732,7 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
             ex[kind, i] = [example(row[i, j], win[i, j], float(value[i, j]), a)
                            for j in range(value.shape[1]) if value[i, j] > -math.inf]
     # one shared token table, the most frequent tokens first: they get the short indices
+    # (common tokens get short indices: the page is mostly token indices)
     freq = Counter([t for exs in ex.values() for e in exs for t in e['tokens']] +
                    [t for ts in up + down for t in ts])
     vocab = [t for t, _ in freq.most_common()]
@@ -693,15 +744,17 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
         return [[at[t] for t in e['tokens']], [round(10 * x / big) for x in e['acts']], e['at'],
                 round(e['value'], 3)]
     path = os.path.join(folder, 'interp.json')
+    # steer.py --explain's explanations and scores, when there are some
     interp = json.load(open(path)) if os.path.exists(path) else {'latents': {}, 'summary': {}}
     cards = []
     for j, i in enumerate(live.tolist()):
         big = ex['top', i][0]['value']
         # the random sample by value, in Q groups of equal size: examples from each quantile
         s = sorted(ex['sample', i], key=lambda e: e['value'])
-        nz = torch.nonzero(hist[i]).flatten()
+        # the histogram from its first to its last nonempty bin (the page labels both ends)
+        nz = torch.nonzero(hist[i]).flatten().tolist()
         cards.append({'i': i, 'density': count[i].item() / len(a['ctx']), 'count': count[i].item(),
-                      'max': round(big, 3), 'hist': [int(nz[0]), hist[i, nz[0]:nz[-1] + 1].tolist()],
+                      'max': round(big, 3), 'hist': [nz[0], hist[i, nz[0]:nz[-1] + 1].tolist()],
                       'top': [pack(e, big) for e in ex['top', i]],
                       'quant': [[pack(e, big) for e in s[q * len(s) // Q:(q + 1) * len(s) // Q]]
                                 for q in range(Q)],
@@ -715,11 +768,14 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
     # the overview's numbers: training's held-out evaluation, then eval.json's, and the curves
     evals = dict(info.get('eval', {}))
     path = os.path.join(folder, 'eval.json')
-    if os.path.exists(path):
-        evals.update((k, v) for k, v in json.load(open(path)).items() if isinstance(v, (int, float)))
+    # (its per-class probe table stays there: the overview shows numbers)
+    for k, v in json.load(open(path)).items() if os.path.exists(path) else []:
+        if isinstance(v, (int, float)):
+            evals[k] = v
     path = os.path.join(folder, 'metrics.jsonl')
     logged = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
+    # everything the page shows, and browser.json for programs
     data = {'model': info['model'], 'hook': info['hook'], 'n_latents': n, 'k': sae.k,
             'dead': int((count == 0).sum()), 'eval': evals, 'curves': curves,
             'vocab': [tok.decode([t]) for t in vocab],
@@ -741,6 +797,7 @@ PAGE = '''<!doctype html><meta charset="utf-8"><title>nanoSAE dashboard</title>
 body { font: 14px sans-serif; margin: 1.5em } nav { position: sticky; top: 0; background: #fff }
 #main { display: flex; gap: 1.5em } #list { width: 14em; height: 80vh; overflow: auto }
 .ex { font-family: monospace; white-space: pre } .peak { outline: 1px solid #c60 }
+svg { display: block; margin: .3em 0 1em }
 </style>
 <h1 id="title"></h1><div id="overview"></div>
 <nav>latent <input id="jump" type="number"> <button id="prev">&lt;</button>
@@ -844,10 +901,12 @@ if __name__ == '__main__':
     if latent != -1 and not 0 <= latent < n:
         raise SystemExit(f"--latent={latent} is out of range: this SAE has latents 0..{n - 1}")
     # --latents=3,17: a list of latent indices in range
+    # every check on the arguments comes before the model load
     which = [int(s) for s in latents.split(',') if s.strip().isdigit() and int(s) < n]
     if len(which) != len([s for s in latents.split(',') if s.strip()]):
         raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
                          f"0..{n - 1}, e.g. --latents=3,17,42")
+    # the model by the name stored in the SAE (an HF id, a local folder or a GGUF file)
     lm, tok = load_model(info['model'], device)
     if lm.config.hidden_size != d:
         raise SystemExit(f"the SAE's d_model {d} does not match {info['model']}'s "
@@ -856,10 +915,12 @@ if __name__ == '__main__':
     block = blocks(lm)[1][info['layer']]
     # the positions the capture excluded are never changed nor scored
     skip = int(info['capture'].get('excluded', '') != 'nothing')
+    # outputs go beside the SAE's file
     folder = os.path.dirname(os.path.abspath(sae_path)) if sae_path.endswith('.safetensors') \
         else sae_path
     cap, acts = info['data_dir'], os.path.join(info['data_dir'], 'acts.npy')
     # no task named: evaluate and browse (and probe, when the capture has labels)
+    # no task named: the default run
     if not (evaluate or browse or prompt or probe or explain or which):
         evaluate = browse = True
         probe = bool(check_capture(cap, info)['labels'])
@@ -867,9 +928,11 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # evaluate on text the SAE never saw: the default corpus's held-out articles, or --data
     if evaluate:
+        # the default corpus holds out every 50th article; other text needs --data
         if not data and info['capture']['corpus'] != 'wiki':
             raise SystemExit("--data= is needed: text the SAE did not train on (.txt, folder, "
                              ".jsonl)")
+        # the same contexts as capture cuts, so the same positions are skipped
         docs, _ = read_docs(data) if data else read_docs('wiki', 'heldout')
         ctxs, _ = contexts(tok, docs, info['ctx_len'], eval_tokens, skip)
         r = evaluate_lm(lm, block, sae, ctxs, skip, batch_size, device)
@@ -885,6 +948,7 @@ if __name__ == '__main__':
                              f".jsonl whose lines carry a \"label\" (a class per document), or "
                              f"the default --data=wiki (topics)")
         t0 = time.time()
+        # about 2 minutes for the default 1M rows on 2 cores; 384 MB of codes
         codes, a = encode_all(sae, acts), documents(cap)
         print(f"encoded {len(codes[0])} rows of the capture in {time.time() - t0:.0f}s")
 
@@ -894,6 +958,7 @@ if __name__ == '__main__':
     if probe and not r['probe_classes']:
         print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
     if r['probe_classes']:
+        # one line per k: the SAE's top-k latents against the top-k residual dimensions
         print(f"k-sparse probes, {r['probe_classes']} classes, held-out documents:")
         for k in (1, 2, 5, 10):
             print(f"  top-{k:<2d} SAE {r[f'probe_sae_top{k}']:.3f} | residual "
@@ -913,6 +978,7 @@ if __name__ == '__main__':
         # every answer of every explainer, beside the SAE: its key holds the model's name
         path = os.path.join(folder, 'interp_cache.jsonl')
         cache, log = load_cache(path), open(path, 'a', encoding='utf-8')
+        # an endpoint, or a local model: the same two functions, chat and judge
         if name.startswith(('http://', 'https://')):
             if not explainer_model:
                 raise SystemExit(f"--explainer={name} is an endpoint: name the model it serves "
@@ -925,11 +991,13 @@ if __name__ == '__main__':
             # another model in bf16 where the CPU multiplies bf16 natively (AMX, AVX-512 BF16)
             flags = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
             bf16 = device != 'cpu' or ' amx_bf16' in flags or ' avx512_bf16' in flags
+            # the SAE's own model is loaded already
             xlm, xtok = (lm, tok) if name == info['model'] else \
                 load_model(name, device, torch.bfloat16 if bf16 else torch.float32)
             # one call at a time: a forward pass already uses every core
             backend = (*local_backend(name, xlm, xtok, cache, log, batch_size), True)
             workers = 1
+        # the SAE's tokenizer decodes the snippets; the explainer tokenizes them again
         r = interpret(sae, meta, a, codes, tok, backend, explain, which, seed, workers)
         r.update(explainer=name, explainer_model=explainer_model or None)
         write_file(os.path.join(folder, 'interp.json'), json.dumps(r, indent=1))
@@ -947,6 +1015,7 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # inspect: the latents that fire most on each token of the prompt
     if prompt and latent == -1:
+        # the prompt's residual stream at the layer, through the SAE's encoder
         ids = tok(prompt, return_tensors='pt').input_ids.to(device)
         vals, idx = sae.encode(run_to_layer(lm, block, ids)[0].float())
         for p, t in enumerate(ids[0].tolist()):
@@ -958,9 +1027,11 @@ if __name__ == '__main__':
     # steer: the same prompt and seed, without and with the hook
     elif prompt:
         # strength is in units of the latent's mean activation (the median latent's if it is 0)
+        # strength is in units of the latent's mean activation (the median latent's if 0)
         act_mean = [x for x in info.get('act_mean', []) if x > 0]
         unit = info['act_mean'][latent] or float(np.median(act_mean)) if act_mean else 1.0
         ids = tok(prompt, return_tensors='pt').input_ids.to(device)
+        # the same seed for both: any difference comes from the hook
         outs = []
         for fn in (None, steer_fn(sae, latent, strength * unit, mode)):
             torch.manual_seed(seed)

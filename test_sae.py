@@ -696,7 +696,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny, trained, tmp_path):
     (same machine, same threads). A checkpoint cut short is one line with both ways out, and
     the checkpoint and the SAE stay."""
     args = ['sae.py', f'--data_dir={tiny["cap"]}', '--n_latents=512', '--k=8', '--batch_size=256',
-            '--max_iters=400', '--ckpt_interval=20', '--dead_tokens=3000']
+            '--max_iters=200', '--ckpt_interval=20', '--dead_tokens=3000']
     run(*args, f'--out_dir={tmp_path / "a"}')
     p = subprocess.Popen(command(*args, f'--out_dir={tmp_path / "b"}'), cwd=REPO, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -722,7 +722,8 @@ def test_two_runs_into_one_folder(tiny, tmp_path):
     the lock it held is gone and the next run goes ahead."""
     cap, out = tmp_path / 'cap', tmp_path / 'sae'
     jobs = {cap: ['capture.py', *tiny['cap_args'], f'--out_dir={cap}'],
-            out: ['sae.py', f'--data_dir={tiny["cap"]}', f'--out_dir={out}', *SAE_ARGS]}
+            out: ['sae.py', f'--data_dir={tiny["cap"]}', f'--out_dir={out}', *SAE_ARGS,
+                  '--max_iters=40']}
     for folder, args in jobs.items():
         first = subprocess.Popen(command(*args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL)
         while not (folder / 'lock').exists() or (folder / 'lock').read_text() != str(first.pid):
