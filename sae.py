@@ -628,6 +628,7 @@ if __name__ == '__main__':
     pool = ThreadPoolExecutor(1)
     nxt = pool.submit(read_rows, acts, batch_rows(it))
     t0 = t_log = time.time()
+    it_log = it
     while it < max_iters:
         # the batch read in the background, scaled so that E||s x||^2 = d
         x = nxt.result().to(device) * scale
@@ -635,10 +636,10 @@ if __name__ == '__main__':
             nxt = pool.submit(read_rows, acts, batch_rows(it + 1))
         fvu, aux, l0 = train_step(sae, opt, x, since_fired, lr_at(it), config)
         it += 1
-        # log: the last interval's speed, in activations per second over all ranks
+        # log: the speed since the last log line, in activations per second over all ranks
         if it % log_interval == 0 or it == max_iters:
-            rate = log_interval * gb / (time.time() - t_log) if it % log_interval == 0 else 0
-            t_log = time.time()
+            rate = (it - it_log) * gb / (time.time() - t_log)
+            t_log, it_log = time.time(), it
             dead_pct = 100 * (since_fired >= dead_tokens).float().mean().item()
             row = {'iter': it, 'tokens': it * gb, 'fvu': fvu, 'aux': aux, 'l0': l0,
                    'dead_pct': dead_pct, 'lr': lr_at(it - 1), 'acts_per_s': rate}
