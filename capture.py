@@ -198,10 +198,10 @@ if __name__ == '__main__':
             continue
         with open(p) as f:
             found = json.load(f)
-        if config_diff(found['config'], ident):
-            raise SystemExit(f"'{out_dir}' holds a different capture "
-                             f"({config_diff(found['config'], ident)}): remove the folder or "
-                             f"pass another --out_dir")
+        diff = config_diff(found['config'], ident)
+        if diff:
+            raise SystemExit(f"'{out_dir}' holds a different capture ({diff}): remove the folder "
+                             f"or pass another --out_dir")
         if name == 'meta.json':
             print(f"'{out_dir}' is already a complete capture of this config")
             raise SystemExit(0)

@@ -491,9 +491,9 @@ def load_checkpoint(path, sae, opt, since_fired, ident, device):
         ck = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         raise SystemExit(f"{path} is damaged ({type(e).__name__}): {ways_out}")
-    if config_diff(ck['config'], ident):
-        raise SystemExit(f"{path} is from a different config ({config_diff(ck['config'], ident)})"
-                         f": {ways_out}")
+    diff = config_diff(ck['config'], ident)
+    if diff:
+        raise SystemExit(f"{path} is from a different config ({diff}): {ways_out}")
     try:
         sae.load_state_dict(ck['sae'])
         opt.load_state_dict(ck['opt'])
