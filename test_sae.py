@@ -899,7 +899,7 @@ def test_real_default_pipeline(tmp_path):
     runs = [run('capture.py', '--max_tokens=3000', f'--out_dir={cap}', alone=True),
             run('sae.py', f'--data_dir={cap}', f'--out_dir={out}', '--batch_size=256',
                 '--max_iters=40', '--expansion=4', alone=True),
-            run('steer.py', f'--sae_path={out}', '--eval_tokens=600', '--browse_latents=10',
+            run('steer.py', f'--sae_path={out}', '--eval_tokens=300', '--browse_latents=10',
                 alone=True)]
     # no progress bar (the GGUF de-quantization draws one) between a user and a one-line message
     assert not any('it/s]' in p.stderr for p in runs)
