@@ -56,7 +56,7 @@ def run(*args, ok=True, nproc=0, env=None, alone=False):
             with redirect_stdout(out), redirect_stderr(err):
                 runpy.run_path(os.path.join(REPO, args[0]), run_name='__main__')
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
+            code = e.code if isinstance(e.code, int) or e.code is None else 1
             err.write(f'{e.code}\n' if isinstance(e.code, str) else '')
         finally:
             sys.argv = saved[0]
