@@ -50,6 +50,7 @@ def dequantized(gguf):
     cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
     path = os.path.join(cache, 'nanosae', f'{os.path.basename(gguf)}-{os.path.getsize(gguf)}')
     if not os.path.isdir(path):
+        print(f"de-quantizing {gguf} once, into {path}", flush=True)
         lm, tok = load_model(gguf)
         # transformers 5 keeps its GGUF loader on the model, which refuses to save: the weights are
         # plain tensors by now (de-quantized), so the model saves as any other
