@@ -292,12 +292,11 @@ def context_counts(codes, a, n):
     ho = held_out(a['doc'][ctx])
     return np.bincount(lat[~ho], minlength=n), np.bincount(lat[ho], minlength=n)
 
-# The rows of the window around row r, within its context (a context's rows are consecutive).
-def window(r, a):
-    c = a['ctx'][r]
-    # clipped to the context's first and last rows, found by binary search
-    lo = max(r - W_BEFORE, np.searchsorted(a['ctx'], c))
-    return np.arange(lo, min(r + W_AFTER + 1, np.searchsorted(a['ctx'], c, side='right')))
+# The rows of the window around row r (`before` rows before it, `after` after) that exist and
+# belong to r's context: a run, as a context's rows are consecutive. (The dashboard's windows too.)
+def window(r, a, before=W_BEFORE, after=W_AFTER):
+    rows = np.arange(max(r - before, 0), min(r + after + 1, len(a['ctx'])))
+    return rows[a['ctx'][rows] == a['ctx'][r]]
 
 # The text of a window, tokens decoded one by one; where the latent is above `mark`, the token is
 # marked <<like this>> (a run of marked tokens is one mark; a leading space stays outside).
@@ -671,9 +670,7 @@ def scan(codes, n, E, R):
 def example(c, i, codes, a):
     vals, idx = codes
     r = c // idx.shape[1]
-    # the window's rows that exist and belong to r's context (a mask: cheaper than a search)
-    rows = np.arange(max(r - BEFORE, 0), min(r + AFTER + 1, len(idx)))
-    rows = rows[a['ctx'][rows] == a['ctx'][r]]
+    rows = window(r, a, BEFORE, AFTER)
     ids, acts = a['tokens'][rows].tolist(), (vals[rows] * (idx[rows] == i)).sum(1).tolist()
     at = r - int(rows[0])
     # the window reaches the start of a context whose token 0 is not a row
