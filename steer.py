@@ -707,8 +707,8 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
     codes_np = tuple(t.numpy() for t in codes)
     ex = {(kind, i): [example(c, i, codes_np, a) for c in s[i].tolist()]
           for kind, s in zip(('top', 'sample'), sets) for i in live}
-    # one shared token table, the most frequent tokens first: they get the short indices
-    # (common tokens get short indices: the page is mostly token indices)
+    # one shared token table, the most frequent tokens first: they get the short indices, and the
+    # page is mostly token indices
     freq = Counter([t for exs in ex.values() for e in exs for t in e['tokens']] +
                    [t for ts in up + down for t in ts])
     vocab = [t for t, _ in freq.most_common()]
