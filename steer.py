@@ -872,12 +872,13 @@ if __name__ == '__main__':
     n, d = sae.W_dec.shape
     if latent != -1 and not 0 <= latent < n:
         raise SystemExit(f"--latent={latent} is out of range: this SAE has latents 0..{n - 1}")
-    # --latents=3,17: latent indices (interpret checks that each can be explained)
-    try:
-        which = [int(s) for s in latents.split(',') if s.strip()]
-    except ValueError:
+    # --latents=3,17: latent indices, checked before the model loads (interpret checks later that
+    # each can be explained)
+    which = [s.strip() for s in latents.split(',') if s.strip()]
+    if not all(s.isdigit() and int(s) < n for s in which):
         raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
                          f"0..{n - 1}, e.g. --latents=3,17,42")
+    which = [int(s) for s in which]
     # the model by the name stored in the SAE (an HF id, a local folder or a GGUF file)
     lm, tok = load_model(info['model'], device)
     if lm.config.hidden_size != d:

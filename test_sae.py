@@ -338,6 +338,7 @@ BAD_INPUT = [
     ('too many', 'steer.py --sae_path={lsae} --explain=100000 --explainer={chat}',
      'pass at most'),
     ('latents', 'steer.py --sae_path={lsae} --latents=3,x', 'comma-separated'),
+    ('latents range', 'steer.py --sae_path={lsae} --latents=3,99999', 'comma-separated'),
     ('no endpoint', 'steer.py --sae_path={lsae} --explain=1 --explainer=http://127.0.0.1:9/v1 '
      '--explainer_model=m', 'no answer from http://127.0.0.1:9/v1'),
     ('no endpoint model', 'steer.py --sae_path={lsae} --explain=1 --explainer=http://x/v1',
