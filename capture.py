@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from sae import configure, pick_device, lock, write_file, config_diff, check_finite
+from sae import configure, pick_device, pick_dtype, lock, write_file, config_diff, check_finite
 
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
@@ -31,6 +31,8 @@ max_tokens = 1_000_000   # stop once this many activations are stored (whole con
 exclude_first = True     # drop position 0 of every context: BOS / attention sink (100x the norm)
 batch_size = 32          # contexts per forward pass, per process
 dtype = 'float16'        # stored activations: 'float16' or 'float32'
+compute_dtype = 'auto'   # the forward pass: 'auto' (bfloat16 where native, else float32),
+                         # 'float32' or 'bfloat16'
 out_dir = 'data/smollm2-l15'
 device = 'cpu'           # 'cpu', 'cuda' or 'cuda:N'
 log_seconds = 10.0       # progress line interval
@@ -39,7 +41,7 @@ config_keys = [k for k, v in globals().items()
 # the valid values of each key (sae.configure checks them); layer and ctx_len are checked
 # against the model once it is loaded
 rules = {'max_tokens': 'v >= 1', 'batch_size': 'v >= 1', 'dtype': ('float16', 'float32'),
-         'log_seconds': 'v > 0'}
+         'compute_dtype': ('auto', 'float32', 'bfloat16'), 'log_seconds': 'v > 0'}
 DEFAULT_MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 # -----------------------------------------------------------------------------
 
@@ -208,6 +210,7 @@ def pad(ctxs, device):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
+    t_start = time.time()
     config = configure(globals(), config_keys, rules)
     # -------------------------------------------------------------------------
     # processes: under torchrun each rank takes every world-th batch
@@ -239,7 +242,9 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # model and corpus, cut into contexts
     # the corpus first: a bad --data fails before the slower model load
-    (docs, labels), (lm, tok) = read_docs(data), load_model(model, device)
+    fwd, why = pick_dtype(compute_dtype, device)
+    print(f"forward pass in {str(fwd)[6:]} ({why}; --compute_dtype= to choose)")
+    (docs, labels), (lm, tok) = read_docs(data), load_model(model, device, fwd)
     n_layers, n_pos = lm.config.num_hidden_layers, getattr(lm.config, 'max_position_embeddings', 0)
     if not 0 <= layer < n_layers:
         raise SystemExit(f"--layer={layer} is out of range: {model} has blocks 0..{n_layers - 1}")
@@ -351,10 +356,12 @@ if __name__ == '__main__':
         excluded = 'position 0 of every context' if skip else 'nothing'
         meta = {**plan, 'model': model, 'layer': layer, 'hook': f'{path}.{layer}', 'dtype': dtype,
                 'ctx_len': ctx_len, 'corpus': data, 'excluded': excluded,
+                'forward_dtype': str(fwd)[6:],
                 'tokens_per_s': round(n_done * world / elapsed), 'labels': names}
         write_file(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
         print(f"done: {N} activations ({d} dims, {dtype}) in {out_dir} | "
-              f"{n_done * world / elapsed:.0f} tok/s over {elapsed:.0f}s")
+              f"{n_done * world / elapsed:.0f} tok/s over {elapsed:.0f}s; capture.py done in "
+              f"{time.time() - t_start:.0f}s")
     # ranks leave together: none tears down while rank 0 still writes
     if ddp:
         dist.barrier()

@@ -1,7 +1,9 @@
 """
-Train a TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") on
-the activations that capture.py wrote; save it as safetensors (SAELens layout) for steer.py.
+Train a sparse autoencoder on the activations that capture.py wrote: TopK (Gao et al. 2024,
+"Scaling and evaluating sparse autoencoders"), BatchTopK or Matryoshka BatchTopK; save it as
+safetensors (SAELens layout) for steer.py.
 $ python sae.py                                    # data/smollm2-l15 -> out/smollm2-l15
+$ python sae.py --arch=topk --out_dir=out/smollm2-l15-topk      # or --arch=matryoshka
 $ python sae.py --data_dir=data/l1b-l8 --out_dir=out/l1b-l8 --expansion=32 --k=64 --device=cuda
 $ torchrun --standalone --nproc_per_node=4 sae.py --device=cuda    # DDP; batch_size is per process
 Kill it at any point and rerun the same command: it resumes from out_dir/ckpt.pt.
@@ -23,7 +25,12 @@ out_dir = 'out/smollm2-l15'
 init_from = 'auto'       # 'auto' (resume if out_dir has ckpt.pt), 'scratch' or 'resume'
 expansion = 16           # n_latents = expansion * d_model, unless n_latents is set
 n_latents = 0            # 0: use expansion
-k = 32                   # active latents per activation
+k = 32                   # active latents per activation (batchtopk, matryoshka: on average)
+arch = 'batchtopk'       # 'topk', 'batchtopk' or 'matryoshka' (the model section says how;
+                         # the README says why batchtopk is the default)
+prefixes = ''            # matryoshka: where the nested prefixes end, e.g. '288,576,1152,2304,9216';
+                         # '': at n/32, n/16, n/8, n/4 and n (Bussmann et al. 2025)
+theta_rate = 0.01        # batchtopk, matryoshka: the weight of each step in theta's running mean
 batch_size = 4096        # activations per step, per process
 max_iters = 1000         # 4.1M activations: 4 passes over the default 1M-token capture
 learning_rate = 0.0      # 0: Adam at 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024, section 2.4)
@@ -35,11 +42,12 @@ auxk_coef = 1 / 32       # Gao et al. 2024, appendix A.2
 k_aux = 0                # 0: d_model // 2 (capped at the number of dead latents)
 dead_tokens = 1_000_000  # dead = not fired for this many tokens (Gao: 10M; here one pass)
 val_frac = 0.05          # share of contexts held out for evaluation (whole contexts)
+sink_norm = 10.0         # rows above this many times the median norm are left out (0: none)
 eval_interval = 250
 log_interval = 50
 ckpt_interval = 100
 device = 'cpu'           # 'cpu', 'cuda' or 'cuda:N'
-dtype = 'float32'        # 'float32' or 'bfloat16' (autocast: the encoder product in bf16)
+dtype = 'auto'           # encoder product: 'auto' (bfloat16 where native), 'float32', 'bfloat16'
 seed = 1337
 wandb_log = False
 wandb_project = 'nanosae'
@@ -52,9 +60,437 @@ rules = {'init_from': ('auto', 'scratch', 'resume'), 'expansion': 'v >= 1', 'n_l
          'lr_mult': 'v > 0', 'warmup_iters': 'v >= 0', 'decay_frac': '0 <= v <= 1',
          'grad_clip': 'v > 0', 'auxk_coef': 'v >= 0', 'k_aux': 'v >= 0', 'dead_tokens': 'v >= 0',
          'val_frac': '0 <= v < 1', 'eval_interval': 'v >= 1', 'log_interval': 'v >= 1',
-         'ckpt_interval': 'v >= 1', 'dtype': ('float32', 'bfloat16'), 'seed': 'v >= 0'}
+         'ckpt_interval': 'v >= 1', 'dtype': ('auto', 'float32', 'bfloat16'), 'seed': 'v >= 0',
+         'arch': ('topk', 'batchtopk', 'matryoshka'), 'theta_rate': '0 < v <= 1',
+         'sink_norm': 'v >= 0'}
 # -----------------------------------------------------------------------------
-# the checks and safe writes that all three scripts use
+# the model: one encoder and decoder, three ways to choose the active latents
+class TopKSAE(torch.nn.Module):
+    """pre = (x - b_dec) @ W_enc + b_enc               W_enc (d, n), b_enc (n,)
+    the active latents, by arch, in training:
+      topk        the k largest of each row            exactly k per row (Gao et al. 2024)
+      batchtopk   the k*B largest of the batch (B, n)  k per row on average (Bussmann et al. 2024)
+      matryoshka  batchtopk's, and the loss asks each prefix of the latent list to reconstruct x
+                  alone (Bussmann et al. 2025)
+    and at inference, where there is no batch: topk as in training; the other two keep relu(pre)
+    where pre > theta (a JumpReLU), theta estimated while training (update_theta)
+    recon = sum_j vals_j * W_dec[idx_j] + b_dec        W_dec (n, d): one unit-norm row per latent
+    Codes are (vals, idx), (B, m) each, vals 0 where a slot is not active. encode below is what
+    evaluation and steering use; training computes the same selection on a fast path
+    (SparseEncode calls select); decode is shared."""
+
+    def __init__(self, d, n, k, arch='topk', ends=()):
+        super().__init__()
+        self.k, self.arch = k, arch
+        # matryoshka: where each nested prefix of the latent list ends (the last one at n)
+        self.ends = list(ends) or [n]
+        # the JumpReLU threshold of batchtopk and matryoshka (0: not estimated yet)
+        self.register_buffer('theta', torch.zeros(()))
+        # rows with a larger norm are attention sinks past position 0, which training left out:
+        # they get no codes, and forward passes them through unchanged
+        self.register_buffer('max_norm', torch.tensor(math.inf))
+        # Gao et al. 2024, section 2.1: random unit rows; the encoder starts as their transpose
+        W = torch.randn(n, d)
+        W /= W.norm(dim=1, keepdim=True)
+        self.W_dec = torch.nn.Parameter(W)
+        # fast path, same math: [W_enc.T | b_enc] as one contiguous (n, d + 1) tensor, so that
+        # pre = [x - b_dec, 1] @ enc.T is one product with no bias pass, one sparse product gives
+        # both gradients, and fused Adam runs on contiguous memory (not a transposed view)
+        self.enc = torch.nn.Parameter(F.pad(W, (0, 1)))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d))
+
+    # the usual names, as views of enc
+    W_enc = property(lambda self: self.enc[:, :-1].T)
+    b_enc = property(lambda self: self.enc[:, -1])
+
+    # training's choice among a batch's pre-activations (B, n): the codes, relu'd
+    def select(self, pre):
+        if self.arch == 'topk':
+            vals, idx = topk(pre, self.k)
+            return vals.relu(), idx
+        return batch_topk(pre, self.k)
+
+    def encode(self, x):
+        # the 1 of [x - b_dec, 1] picks up b_enc, as in training
+        pre = F.pad(x - self.b_dec, (0, 1), value=1.0) @ self.enc.T
+        pre *= x.norm(dim=1, keepdim=True) <= self.max_norm
+        if self.arch == 'topk':
+            return self.select(pre)
+        # every latent above theta (>= 0, so relu is implied), as many as a row has
+        m = max(1, int((pre > self.theta).sum(1).max()))
+        vals, idx = topk(pre, m)
+        return vals * (vals > self.theta), idx
+
+    def decode(self, vals, idx, bias=True):
+        # the active codes' rows of W_dec, weighted, row by row: never a dense (B, n) matrix, and
+        # no work for a slot that keeps nothing (batchtopk's rows are padded to the fullest)
+        keep = vals != 0
+        offsets = F.pad(keep.sum(1).cumsum(0)[:-1], (1, 0))
+        out = F.embedding_bag(idx[keep], self.W_dec, offsets, per_sample_weights=vals[keep],
+                              mode='sum')
+        return out + self.b_dec if bias else out
+
+    # matryoshka: each latent's group, p for latents ends[p - 1] .. ends[p] - 1; prefix p, whose
+    # reconstruction the loss scores too, is groups 0..p
+    def group(self, idx):
+        return torch.bucketize(idx, torch.tensor(self.ends, device=idx.device), right=True)
+
+    def forward(self, x):
+        return torch.where(x.norm(dim=1, keepdim=True) <= self.max_norm,
+                           self.decode(*self.encode(x)), x)
+
+# -----------------------------------------------------------------------------
+# fast path, same math: exact selections, and a backward that touches only the selected entries
+
+# pre.topk(k, dim=1, sorted=False) (among equal values maybe other indices), faster on a CPU. View
+# each row as g slices of s = n / g and take their elementwise max: s column maxima in one pass.
+# The k largest maxima are k distinct entries, so every entry of the top k lies in one of those k
+# columns: the answer is the top k of their k * g entries. The k largest maxima, recursively.
+def topk(pre, k, g=8):
+    B, n = pre.shape
+    # too narrow to pay off
+    if n % g or n < 4 * k * g:
+        return pre.topk(k, dim=1, sorted=False)
+    s = n // g
+    _, col = topk(pre.view(B, g, s).amax(1), k, g)  # (B, k) columns
+    # the g entries of each chosen column: k * g candidates per row
+    cand = (col.unsqueeze(2) + torch.arange(0, n, s, device=pre.device)).view(B, k * g)
+    vals, j = pre.gather(1, cand).topk(k, dim=1, sorted=False)
+    return vals, cand.gather(1, j)
+
+# BatchTopK's choice: the k*B largest entries of relu(pre) (B, n) over the whole batch, ties to the
+# lower row-major index, as a flatten-and-stable-sort would take them; never a sort of all B*n.
+# Each row's 2k largest are candidates, and t, the k*B-th largest candidate, is the batch's own
+# when each row's smallest candidate is below t (or 0): no row can hold more than it offered. The
+# few rows that may (a token far from the rest) offer twice as many, until none may. Returns
+# codes (B, m), 0 where a slot keeps nothing.
+def batch_topk(pre, k):
+    B, n = pre.shape
+    m = min(n, 2 * k)
+    vals, idx = topk(pre, m)
+    vals = vals.relu()
+    full = torch.arange(B, device=pre.device)  # the rows that may hold more than they offered
+    while True:
+        t = vals.flatten().kthvalue(vals.numel() - k * B + 1).values
+        low = vals[full].amin(1)
+        full = full[(low >= t) & (low > 0)]
+        if not len(full) or m == n:
+            break
+        # t can only rise: the other rows stay as they are, their new slots empty
+        m = min(n, 2 * m)
+        v, i = topk(pre[full], m)
+        vals, idx = F.pad(vals, (0, m - vals.shape[1])), F.pad(idx, (0, m - idx.shape[1]))
+        vals[full], idx[full] = v.relu(), i
+    keep = vals > t
+    # ties at t: the lowest row-major indices, until k*B are kept
+    if t > 0:
+        r, c = torch.nonzero(vals == t, as_tuple=True)
+        take = (r * n + idx[r, c]).argsort()[:k * B - int(keep.sum())]
+        keep[r[take], c[take]] = True
+    return vals * keep, idx
+
+# out[idx[b, i]] += g[b, i] * x[b] for all (b, i) where g is not 0, in place: the encoder's weight
+# gradient, (n, B) @ (B, d) with k non-zeros per column, as a CSR sparse product.
+def rows_grad(idx, g, x, out):
+    # a slot that keeps nothing has no gradient: only the others
+    p = torch.nonzero(g.flatten()).flatten()
+    lat = idx.flatten()[p]
+    # CSR wants each row's columns sorted: a stable sort of the latent ids groups them by latent
+    order = lat.argsort(stable=True)
+    crow = F.pad(torch.bincount(lat, minlength=len(out)).cumsum(0), (1, 0))
+    A = torch.sparse_csr_tensor(crow, (p // idx.shape[1])[order], g.flatten()[p][order],
+                                (len(out), len(x)), check_invariants=False)
+    # into out itself: A @ x would zero-fill a fresh output and copy it
+    return torch.addmm(out, A, x, out=out)
+
+_scratch = {}  # (B, n) pre-activation buffers, by shape
+
+# The encoder and the SAE's selection (plus AuxK's top k_aux among dead latents), ReLU'd. Forward
+# is one dense product; backward touches only the selected entries of each row, so the weight
+# gradient is a sparse (n, B) @ (B, d) product: about 1/300 of the dense one's work.
+class SparseEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, enc, b_dec, select, dead, k_aux):
+        xc = F.pad(x - b_dec, (0, 1), value=1.0)
+        # the one dense product, bf16 under autocast, into a reused buffer: on a CPU a fresh
+        # (B, n) output is paid again in page faults at every step
+        on = torch.is_autocast_enabled(x.device.type)
+        dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        key = (len(x), len(enc), x.device, dt)
+        if key not in _scratch:
+            _scratch[key] = torch.empty(key[:2], device=x.device, dtype=dt)
+        pre = torch.mm(xc.to(dt), enc.T.to(dt), out=_scratch[key])
+        vals, idx = select(pre)
+        vals = vals.float()
+        # AuxK: the top k_aux among dead latents, found in the same buffer (live ones masked)
+        if k_aux:
+            avals, aidx = topk(pre.masked_fill_(~dead, -math.inf), k_aux)
+            avals = avals.float().relu()
+        else:
+            avals, aidx = pre.new_empty(len(x), 0), idx.new_empty(len(x), 0)
+        ctx.save_for_backward(xc, enc, idx, vals, aidx, avals)
+        ctx.mark_non_differentiable(idx, aidx)
+        return vals, idx, avals, aidx
+
+    @staticmethod
+    def backward(ctx, g_vals, _, g_avals, __):
+        xc, enc, idx, vals, aidx, avals = ctx.saved_tensors
+        # ReLU (and a slot that keeps nothing) passes the gradient only where the value is positive
+        g, ga = g_vals * (vals > 0), g_avals * (avals > 0)
+        g_enc = rows_grad(idx, g, xc, torch.zeros_like(enc))
+        # a latent can be in both sets of a row, so AuxK's entries go in a second product
+        if ga.numel():
+            rows_grad(aidx, ga, xc, g_enc)
+        # d pre / d b_dec = -W_enc
+        return None, g_enc, -(g_enc[:, -1] @ enc[:, :-1]), None, None, None
+
+# -----------------------------------------------------------------------------
+# training
+
+# sum ||x - mean(x)||^2 over the global batch (all DDP ranks), in float64: FVU's denominator.
+def global_var(x):
+    # accumulated in float64 without a float64 copy of x
+    f64 = torch.float64
+    n = torch.tensor([len(x)], dtype=f64, device=x.device)
+    s = torch.cat([x.sum(0, dtype=f64), x.pow(2).sum(dtype=f64).view(1), n])
+    if dist.is_initialized():
+        dist.all_reduce(s)
+    return (s[-2] - (s[:-2] ** 2).sum() / s[-1]).float()
+
+# The loss and AuxK (Gao et al. 2024, section 2.4 and appendix A.2) of this rank's share of the
+# global batch, normalised by global variances: summed over ranks, the single-process loss. The loss
+# is the FVU; for matryoshka the sum of every prefix's FVU (equal weights, as in the paper). Returns
+# (loss, aux, fvu of the whole reconstruction, vals, idx).
+def losses(sae, x, dead, k_aux):
+    # AuxK can use at most as many latents as are dead
+    k_aux = min(k_aux, int(dead.sum()))
+    vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.select, dead, k_aux)
+    var = global_var(x)
+    # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model
+    if sae.arch == 'matryoshka':
+        # the residual of each prefix in turn, from the one selection (a prefix never re-selects:
+        # Bussmann et al. 2025, section 3; SAELens first re-ran the top-k per prefix, another
+        # model): x - b_dec, less one group's part at a time
+        group, e, loss = sae.group(idx), x - sae.b_dec, 0
+        for p in range(len(sae.ends)):
+            e = e - sae.decode(vals * (group == p), idx, bias=False)
+            loss = loss + e.pow(2).sum() / var
+        recon = x - e
+        fvu = e.detach().pow(2).sum() / var
+    else:
+        recon = sae.decode(vals, idx)
+        loss = fvu = (x - recon).pow(2).sum() / var
+    aux = torch.zeros((), device=x.device)
+    # dead latents regress what the live ones missed (the whole reconstruction's residual): no
+    # b_dec (sparsify #132), residual detached
+    if k_aux:
+        e = (x - recon).detach()
+        aux = (e - sae.decode(avals, aidx, bias=False)).pow(2).sum() / global_var(e)
+    return loss, aux, fvu, vals, idx
+
+# theta, the threshold that batchtopk and matryoshka encode with at inference: a running average
+# of the smallest value each step keeps (dictionary_learning's estimator; its mean over ranks),
+# weight `rate` per step, starting at the first step's value rather than at 0.
+@torch.no_grad()
+def update_theta(sae, vals, rate):
+    low = vals.masked_fill(vals <= 0, math.inf).min().float().view(1)
+    if dist.is_initialized():
+        dist.all_reduce(low)
+        low /= dist.get_world_size()
+    sae.theta += (rate if sae.theta > 0 else 1.0) * (low[0] - sae.theta)
+
+# Count, in tokens, how long since each latent last fired (in any rank's share of the batch): in
+# tokens, not steps, so the dead set does not depend on the batch size (OAI counts steps).
+def update_dead(since_fired, vals, idx, n_tokens):
+    fired = torch.zeros_like(since_fired, dtype=torch.bool)
+    fired[idx[vals > 0]] = True
+    if dist.is_initialized():
+        fired_i = fired.int()
+        dist.all_reduce(fired_i)
+        fired = fired_i > 0
+    since_fired += n_tokens
+    since_fired[fired] = 0
+
+# Adam with no weight decay: AdamW's default 0.01 would shrink every weight at every step (one
+# llama3 replication trains with it). eps as in Gao et al.'s code.
+def make_optimizer(sae, lr):
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10,
+                            weight_decay=0.0, fused=True)
+
+# One optimizer step on x (B, d), already scaled, with the config's dead_tokens, k_aux, auxk_coef,
+# grad_clip, theta_rate and dtype. Returns the global fvu, aux, l0.
+def train_step(sae, opt, x, since_fired, lr, cfg):
+    # the dead set is fixed for the whole step, before the forward
+    dead = since_fired >= cfg['dead_tokens']
+    bf16 = cfg['dtype'] == 'bfloat16'
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        loss, aux, fvu, vals, idx = losses(sae, x, dead, cfg['k_aux'] or len(x[0]) // 2)
+    opt.zero_grad(set_to_none=True)
+    (loss + cfg['auxk_coef'] * aux).backward()
+    # fvu, aux and l0 in one tensor: one all_reduce instead of three
+    stats = torch.stack([fvu.detach(), aux.detach(), (vals > 0).sum() / len(x)])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # each rank's loss is its part of the global sum: summing gradients gives the global gradient
+    if world > 1:
+        for p in sae.parameters():
+            dist.all_reduce(p.grad)
+        dist.all_reduce(stats)
+    # remove from each decoder row's gradient its component along the row: the step then moves
+    # the row along the unit sphere (to first order) instead of changing its norm
+    W, G = sae.W_dec.data, sae.W_dec.grad
+    G.addcmul_(W, torch.linalg.vecdot(G, W).unsqueeze(1), value=-1)
+    # clipping at 1.0, as dictionary_learning and SAELens do
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg['grad_clip'])
+    for group in opt.param_groups:
+        group['lr'] = lr
+    opt.step()
+    # and exactly unit norm after the step: Adam's step leaves the sphere, and the saved rows must
+    # be unit norm for latent values to be comparable
+    W /= W.norm(dim=1, keepdim=True)
+    update_dead(since_fired, vals, idx, len(x) * world)
+    if sae.arch != 'topk':
+        update_theta(sae, vals, cfg['theta_rate'])
+    return stats[0].item(), stats[1].item(), stats[2].item() / world
+# Rows idx (sorted) of a capture's acts.npy as float32, read with pread, one call per run of
+# consecutive rows. Not through a memory map: each row faulted in there maps its neighbours too,
+# while this holds one batch, whatever the size of the file: a capture larger than RAM trains.
+def read_rows(path, idx):
+    a = np.load(path, mmap_mode='r')
+    out, row = np.empty((len(idx), a.shape[1]), a.dtype), a.shape[1] * a.itemsize
+    starts = np.nonzero(np.diff(idx, prepend=-2) != 1)[0]
+    with open(path, 'rb') as f:
+        for s, e in zip(starts, np.append(starts[1:], len(idx))):
+            got = os.preadv(f.fileno(), [out[s:e]], a.offset + int(idx[s]) * row)
+            assert got == (e - s) * row, f"short read of {path}"
+    x = out.astype(np.float32, copy=False)
+    ctx = np.load(os.path.join(os.path.dirname(path), 'ctx.npy'), mmap_mode='r')
+    check_finite(x, idx, ctx, f"{path} is damaged: recapture it with --dtype=float32")
+    return torch.from_numpy(x)
+
+# FVU around the global mean of all batches (streamed, float64; SAELens #659 used a per-batch mean),
+# L0, and per latent: how often it fired and the sum of its activations.
+@torch.no_grad()
+def evaluate(sae, batches):
+    s1, s2, sse, l0, n = 0, 0, 0, 0, 0
+    count, act = (torch.zeros(sae.W_dec.shape[0], device=sae.W_dec.device) for _ in range(2))
+    for x in batches:
+        vals, idx = sae.encode(x)
+        recon, x = sae.decode(vals, idx).double(), x.double()
+        s1, s2, sse = s1 + x.sum(0), s2 + (x ** 2).sum(), sse + ((x - recon) ** 2).sum()
+        l0, n = l0 + (vals > 0).sum().item(), n + len(x)
+        count.index_add_(0, idx.flatten(), (vals > 0).float().flatten())
+        act.index_add_(0, idx.flatten(), vals.flatten())
+    # sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / n
+    return {'fvu': (sse / (s2 - (s1 ** 2).sum() / n)).item(), 'l0': l0 / n, 'count': count,
+            'act': act}
+
+# Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x.
+def geometric_median(x, iters=100):
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
+        m_new = (w[:, None] * x).sum(0) / w.sum()
+        # stop once a step moves less than a millionth of the median's norm
+        if (m_new - m).norm() < 1e-6 * m.norm():
+            break
+        m = m_new
+    return m_new
+
+# Gao et al. 2024, section 2.1: one input scale s so that E||s x||^2 = d, then b_dec at the
+# geometric median of s x, in the space the SAE trains in (not the mean: a few far outliers, like
+# attention sinks, would drag it). Returns s.
+def init_from_data(sae, x):
+    scale = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().item())
+    sae.b_dec.data.copy_(geometric_median(x.to(sae.b_dec.device) * scale))
+    return scale
+
+# -----------------------------------------------------------------------------
+# files: the SAE, the checkpoint
+
+# Write the SAE for raw activations: the input scale s is folded in (the training SAE saw s*x), so
+# encode(x) = vals / s and decode gives recon / s; W_dec keeps unit rows. SAELens's layout: cfg.json
+# + sae_weights.safetensors, which SAE.load_from_disk(path) reads: topk as 'topk', batchtopk and
+# matryoshka as 'jumprelu', with theta as every latent's threshold (SAELens saves BatchTopK so).
+def save_sae(sae, scale, path, info):
+    # pre(s x) = s ((x - b_dec / s) W_enc + b_enc / s): dividing both biases by s gives pre / s,
+    # and theta, a value of pre, is divided too
+    t = {'W_enc': sae.W_enc, 'b_enc': sae.b_enc / scale, 'W_dec': sae.W_dec,
+         'b_dec': sae.b_dec / scale}
+    jump = sae.arch != 'topk'
+    if jump:
+        t['threshold'] = (sae.theta / scale).expand(len(sae.W_dec))
+    t = {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
+    theta, max_norm = (sae.theta / scale).item(), (sae.max_norm / scale).item()
+    info = {**info, 'k': sae.k, 'scale': scale, 'arch': sae.arch, 'theta': theta,
+            'ends': sae.ends, 'max_norm': max_norm}
+    meta = {'k': str(sae.k), 'scale': repr(scale), 'layer': str(info['layer']),
+            'model': info['model'], 'arch': sae.arch, 'theta': repr(theta),
+            'ends': ','.join(map(str, sae.ends)), 'max_norm': repr(max_norm),
+            'nanosae': json.dumps(info)}
+    cfg = {'architecture': 'jumprelu' if jump else 'topk', 'd_in': t['W_dec'].shape[1],
+           'd_sae': t['W_dec'].shape[0], 'dtype': 'float32', 'device': 'cpu',
+           'apply_b_dec_to_input': True, 'normalize_activations': 'none',
+           'metadata': {'sae_lens_version': '6.0.0', 'model_name': info['model'],
+                        'hook_name': info['hook'], 'context_size': info['ctx_len']}}
+    # only topk has a k; only its layout has the decoder-norm option
+    if not jump:
+        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    os.makedirs(path, exist_ok=True)
+    # the weights last: their file is what load_sae looks for
+    write_file(os.path.join(path, 'cfg.json'), json.dumps(cfg, indent=1))
+    write_file(os.path.join(path, 'sae_weights.safetensors'), save(t, metadata=meta))
+
+# (sae, info) from a folder written by save_sae (or its .safetensors file), checked against its own
+# metadata; the SAE takes raw activations.
+def load_sae(path, device='cpu'):
+    f = path if path.endswith('.safetensors') else os.path.join(path, 'sae_weights.safetensors')
+    if not os.path.isfile(f):
+        raise SystemExit(f"no SAE at '{path}' (no {f}): train one with "
+                         f"`python sae.py --out_dir={path}`")
+    # a file cut short, not safetensors at all, or tensors that do not fit its metadata: one line
+    try:
+        with safe_open(f, 'pt') as h:
+            info = json.loads(h.metadata()['nanosae'])
+        t = load_file(f)
+        if not 1 <= info['k'] <= info['n_latents']:
+            raise ValueError(f"k={info['k']} of {info['n_latents']} latents")
+        # an SAE of an sae.py before the arch key is a topk SAE
+        sae = TopKSAE(t['W_dec'].shape[1], info['n_latents'], info['k'],
+                      info.get('arch', 'topk'), info.get('ends', ()))
+        # back to the training layout; load_state_dict checks each shape
+        t['enc'] = torch.cat([t.pop('W_enc').T, t.pop('b_enc')[:, None]], 1)
+        t['theta'] = torch.tensor(float(info.get('theta', 0.0)))
+        t['max_norm'] = torch.tensor(float(info.get('max_norm', math.inf)))
+        t.pop('threshold', None)
+        sae.load_state_dict(t)
+    except Exception as e:
+        raise SystemExit(f"'{f}' is not a whole nanoSAE file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}): retrain it with "
+                         f"`python sae.py --init_from=scratch --out_dir={os.path.dirname(f)}`")
+    return sae.to(device).eval(), info
+
+# Restore a run from ckpt.pt; returns (iter, scale). A checkpoint of another config, of an older
+# sae.py, or cut short (a disk that filled, a copy interrupted) gives one line.
+def load_checkpoint(path, sae, opt, since_fired, ident, device):
+    ways_out = "pass --init_from=scratch (start over) or another --out_dir"
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"{path} is damaged ({type(e).__name__}): {ways_out}")
+    diff = config_diff(ck['config'], ident)
+    if diff:
+        raise SystemExit(f"{path} is from a different config ({diff}): {ways_out}")
+    try:
+        sae.load_state_dict(ck['sae'])
+        opt.load_state_dict(ck['opt'])
+        since_fired.copy_(ck['since_fired'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        msg = ' '.join(str(e).split())[:160]
+        raise SystemExit(f"{path} does not fit this sae.py ({msg}): {ways_out}")
+    return ck['iter'], ck['scale']
+
+# -----------------------------------------------------------------------------
+# the checks and safe writes that capture.py and steer.py import too
 
 # Override the config globals in `g` from --key=value arguments (nanoGPT's configurator, as a
 # function), then check every value against its rule. A mistake ends the run with one line that
@@ -102,13 +538,33 @@ def pick_device(name):
                          f"(torch {torch.__version__}): pass one of those")
     return want
 
+# The dtype of the heavy products on `device` for a key that says 'auto', 'float32' or 'bfloat16':
+# 'auto' is bfloat16 where the hardware multiplies it natively (a CUDA GPU that supports it, an x86
+# CPU with AMX or AVX-512 BF16) and float32 elsewhere, where bf16 is emulated and slower. Returns
+# the dtype and a phrase that says why, for the run's one line about it.
+def pick_dtype(name, device):
+    if name != 'auto':
+        return getattr(torch, name), 'as asked'
+    if device.startswith('cuda'):
+        ok = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16 if ok else torch.float32), 'on this GPU'
+    flags = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+    native = ' amx_bf16' in flags or ' avx512_bf16' in flags
+    why = 'this CPU has native bf16 (AMX or AVX-512 BF16)' if native else 'no native bf16 here'
+    return (torch.bfloat16 if native else torch.float32), why
+
 # Hold an advisory lock on folder/lock while this process lives, so that a second run into the same
 # folder refuses at the start. The kernel drops the lock when its process dies: a lock left by a
 # killed run never blocks the next one. Keep the returned file open.
 def lock(folder):
-    os.makedirs(folder, exist_ok=True)
-    # 'a+' opens without truncating: a run that loses the race can still read the pid
-    f = open(os.path.join(folder, 'lock'), 'a+')
+    # a path through a regular file, or a folder this user cannot write: one line, before any work
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # 'a+' opens without truncating: a run that loses the race can still read the pid
+        f = open(os.path.join(folder, 'lock'), 'a+')
+    except OSError as e:
+        raise SystemExit(f"--out_dir={folder} cannot be created or written ({e.strerror}): pass "
+                         f"another --out_dir")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -195,316 +651,8 @@ def check_capture(folder, info=None):
     return meta
 
 # -----------------------------------------------------------------------------
-# the model
-class TopKSAE(torch.nn.Module):
-    """pre = (x - b_dec) @ W_enc + b_enc               W_enc (d, n), b_enc (n,)
-    vals, idx = topk(pre, k); vals = relu(vals)        the k largest, (B, k) each
-    recon = sum_j vals_j * W_dec[idx_j] + b_dec        W_dec (n, d): one unit-norm row per latent
-    Training, evaluation and steering all use this forward."""
-
-    def __init__(self, d, n, k):
-        super().__init__()
-        self.k = k
-        # Gao et al. 2024, section 2.1: random unit rows; the encoder starts as their transpose
-        W = torch.randn(n, d)
-        W /= W.norm(dim=1, keepdim=True)
-        self.W_dec = torch.nn.Parameter(W)
-        # fast path, same math: [W_enc.T | b_enc] as one contiguous (n, d + 1) tensor, so that
-        # pre = [x - b_dec, 1] @ enc.T is one product with no bias pass, one sparse product gives
-        # both gradients, and fused Adam runs on contiguous memory (not a transposed view)
-        self.enc = torch.nn.Parameter(F.pad(W, (0, 1)))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d))
-
-    # the usual names, as views of enc
-    W_enc = property(lambda self: self.enc[:, :-1].T)
-    b_enc = property(lambda self: self.enc[:, -1])
-
-    def encode(self, x):
-        # the 1 of [x - b_dec, 1] picks up b_enc, as in training
-        vals, idx = topk(F.pad(x - self.b_dec, (0, 1), value=1.0) @ self.enc.T, self.k)
-        return vals.relu(), idx
-
-    def decode(self, vals, idx, bias=True):
-        # the k chosen rows of W_dec, weighted: never a dense (B, n) matrix
-        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode='sum')
-        return out + self.b_dec if bias else out
-
-    def forward(self, x):
-        return self.decode(*self.encode(x))
-
-# -----------------------------------------------------------------------------
-# fast path, same math: an exact top-k and a backward that touches only the selected entries
-
-# pre.topk(k, dim=1, sorted=False) (among equal values maybe other indices), faster on a CPU. View
-# each row as g slices of s = n / g and take their elementwise max: s column maxima in one pass.
-# The k largest maxima are k distinct entries, so every entry of the top k lies in one of those k
-# columns: the answer is the top k of their k * g entries. The k largest maxima, recursively.
-def topk(pre, k, g=8):
-    B, n = pre.shape
-    # too narrow to pay off
-    if n % g or n < 4 * k * g:
-        return pre.topk(k, dim=1, sorted=False)
-    s = n // g
-    _, col = topk(pre.view(B, g, s).amax(1), k, g)  # (B, k) columns
-    # the g entries of each chosen column: k * g candidates per row
-    cand = (col.unsqueeze(2) + torch.arange(0, n, s, device=pre.device)).view(B, k * g)
-    vals, j = pre.gather(1, cand).topk(k, dim=1, sorted=False)
-    return vals, cand.gather(1, j)
-
-# out[idx[b, i]] += g[b, i] * x[b] for all (b, i), in place: the encoder's weight gradient, (n, B) @
-# (B, d) with k non-zeros per column, as a CSR sparse product.
-def rows_grad(idx, g, x, out):
-    # CSR wants each row's columns sorted: a stable sort of the latent ids groups them by latent
-    order = idx.flatten().argsort(stable=True)
-    crow = F.pad(torch.bincount(idx.flatten(), minlength=len(out)).cumsum(0), (1, 0))
-    A = torch.sparse_csr_tensor(crow, order // idx.shape[1], g.flatten()[order],
-                                (len(out), len(x)), check_invariants=False)
-    # into out itself: A @ x would zero-fill a fresh output and copy it
-    return torch.addmm(out, A, x, out=out)
-
-_scratch = {}  # (B, n) pre-activation buffers, by shape
-
-# The encoder and its top-k (plus AuxK's top-k_aux among dead latents), ReLU'd. Forward is one dense
-# product; backward touches only the k + k_aux selected entries of each row, so the weight gradient
-# is a sparse (n, B) @ (B, d) product: about 1/300 of the dense one's work.
-class SparseEncode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, enc, b_dec, k, dead, k_aux):
-        xc = F.pad(x - b_dec, (0, 1), value=1.0)
-        # the one dense product, bf16 under autocast, into a reused buffer: on a CPU a fresh
-        # (B, n) output is paid again in page faults at every step
-        on = torch.is_autocast_enabled(x.device.type)
-        dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-        key = (len(x), len(enc), x.device, dt)
-        if key not in _scratch:
-            _scratch[key] = torch.empty(key[:2], device=x.device, dtype=dt)
-        pre = torch.mm(xc.to(dt), enc.T.to(dt), out=_scratch[key])
-        vals, idx = topk(pre, k)
-        vals = vals.float()
-        # AuxK: the top k_aux among dead latents, found in the same buffer (live ones masked)
-        if k_aux:
-            avals, aidx = topk(pre.masked_fill_(~dead, -math.inf), k_aux)
-            avals = avals.float()
-        else:
-            avals, aidx = pre.new_empty(len(x), 0), idx.new_empty(len(x), 0)
-        ctx.save_for_backward(xc, enc, idx, vals, aidx, avals)
-        ctx.mark_non_differentiable(idx, aidx)
-        return vals.relu(), idx, avals.relu(), aidx
-
-    @staticmethod
-    def backward(ctx, g_vals, _, g_avals, __):
-        xc, enc, idx, vals, aidx, avals = ctx.saved_tensors
-        # ReLU passes the gradient only where the value is positive
-        g, ga = g_vals * (vals > 0), g_avals * (avals > 0)
-        g_enc = rows_grad(idx, g, xc, torch.zeros_like(enc))
-        # a latent can be in both sets of a row, so AuxK's entries go in a second product
-        if ga.numel():
-            rows_grad(aidx, ga, xc, g_enc)
-        # d pre / d b_dec = -W_enc
-        return None, g_enc, -(g_enc[:, -1] @ enc[:, :-1]), None, None, None
-
-# -----------------------------------------------------------------------------
-# training
-
-# sum ||x - mean(x)||^2 over the global batch (all DDP ranks), in float64: FVU's denominator.
-def global_var(x):
-    # accumulated in float64 without a float64 copy of x
-    f64 = torch.float64
-    n = torch.tensor([len(x)], dtype=f64, device=x.device)
-    s = torch.cat([x.sum(0, dtype=f64), x.pow(2).sum(dtype=f64).view(1), n])
-    if dist.is_initialized():
-        dist.all_reduce(s)
-    return (s[-2] - (s[:-2] ** 2).sum() / s[-1]).float()
-
-# FVU and AuxK (Gao et al. 2024, section 2.4 and appendix A.2) of this rank's share of the global
-# batch, both normalised by global variances: summed over ranks, the single-process loss.
-def losses(sae, x, dead, k_aux):
-    # AuxK can use at most as many latents as are dead
-    k_aux = min(k_aux, int(dead.sum()))
-    vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.k, dead, k_aux)
-    recon = sae.decode(vals, idx)
-    # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model
-    fvu = (x - recon).pow(2).sum() / global_var(x)
-    aux = torch.zeros((), device=x.device)
-    # dead latents regress what the live ones missed: no b_dec (sparsify #132), residual detached
-    if k_aux:
-        e = (x - recon).detach()
-        aux = (e - sae.decode(avals, aidx, bias=False)).pow(2).sum() / global_var(e)
-    return fvu, aux, vals, idx
-
-# Count, in tokens, how long since each latent last fired (in any rank's share of the batch): in
-# tokens, not steps, so the dead set does not depend on the batch size (OAI counts steps).
-def update_dead(since_fired, vals, idx, n_tokens):
-    fired = torch.zeros_like(since_fired, dtype=torch.bool)
-    fired[idx[vals > 0]] = True
-    if dist.is_initialized():
-        fired_i = fired.int()
-        dist.all_reduce(fired_i)
-        fired = fired_i > 0
-    since_fired += n_tokens
-    since_fired[fired] = 0
-
-# Adam with no weight decay: AdamW's default 0.01 would shrink every weight at every step (one
-# llama3 replication trains with it). eps as in Gao et al.'s code.
-def make_optimizer(sae, lr):
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10,
-                            weight_decay=0.0, fused=True)
-
-# One optimizer step on x (B, d), already scaled, with the config's dead_tokens, k_aux, auxk_coef,
-# grad_clip and dtype. Returns the global fvu, aux, l0.
-def train_step(sae, opt, x, since_fired, lr, cfg):
-    # the dead set is fixed for the whole step, before the forward
-    dead = since_fired >= cfg['dead_tokens']
-    bf16 = cfg['dtype'] == 'bfloat16'
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-        fvu, aux, vals, idx = losses(sae, x, dead, cfg['k_aux'] or len(x[0]) // 2)
-    opt.zero_grad(set_to_none=True)
-    (fvu + cfg['auxk_coef'] * aux).backward()
-    # fvu, aux and l0 in one tensor: one all_reduce instead of three
-    stats = torch.stack([fvu.detach(), aux.detach(), (vals > 0).sum() / len(x)])
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    # each rank's loss is its part of the global sum: summing gradients gives the global gradient
-    if world > 1:
-        for p in sae.parameters():
-            dist.all_reduce(p.grad)
-        dist.all_reduce(stats)
-    # remove from each decoder row's gradient its component along the row: the step then moves
-    # the row along the unit sphere (to first order) instead of changing its norm
-    W, G = sae.W_dec.data, sae.W_dec.grad
-    G.addcmul_(W, torch.linalg.vecdot(G, W).unsqueeze(1), value=-1)
-    # clipping at 1.0, as dictionary_learning and SAELens do
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg['grad_clip'])
-    for group in opt.param_groups:
-        group['lr'] = lr
-    opt.step()
-    # and exactly unit norm after the step, so the saved rows are unit norm (DL PR #36)
-    W /= W.norm(dim=1, keepdim=True)
-    update_dead(since_fired, vals, idx, len(x) * world)
-    return stats[0].item(), stats[1].item(), stats[2].item() / world
-
-# Rows idx (sorted) of a capture's acts.npy as float32, read with pread, one call per run of
-# consecutive rows. Not through a memory map: each row faulted in there maps its neighbours too,
-# while this holds one batch, whatever the size of the file: a capture larger than RAM trains.
-def read_rows(path, idx):
-    a = np.load(path, mmap_mode='r')
-    out, row = np.empty((len(idx), a.shape[1]), a.dtype), a.shape[1] * a.itemsize
-    starts = np.nonzero(np.diff(idx, prepend=-2) != 1)[0]
-    with open(path, 'rb') as f:
-        for s, e in zip(starts, np.append(starts[1:], len(idx))):
-            got = os.preadv(f.fileno(), [out[s:e]], a.offset + int(idx[s]) * row)
-            assert got == (e - s) * row, f"short read of {path}"
-    x = out.astype(np.float32, copy=False)
-    ctx = np.load(os.path.join(os.path.dirname(path), 'ctx.npy'), mmap_mode='r')
-    check_finite(x, idx, ctx, f"{path} is damaged: recapture it with --dtype=float32")
-    return torch.from_numpy(x)
-
-# FVU around the global mean of all batches (streamed, float64; SAELens #659 used a per-batch mean),
-# L0, and per latent: how often it fired and the sum of its activations.
-@torch.no_grad()
-def evaluate(sae, batches):
-    s1, s2, sse, l0, n = 0, 0, 0, 0, 0
-    count, act = (torch.zeros(sae.W_dec.shape[0], device=sae.W_dec.device) for _ in range(2))
-    for x in batches:
-        vals, idx = sae.encode(x)
-        recon, x = sae.decode(vals, idx).double(), x.double()
-        s1, s2, sse = s1 + x.sum(0), s2 + (x ** 2).sum(), sse + ((x - recon) ** 2).sum()
-        l0, n = l0 + (vals > 0).sum().item(), n + len(x)
-        count.index_add_(0, idx.flatten(), (vals > 0).float().flatten())
-        act.index_add_(0, idx.flatten(), vals.flatten())
-    # sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / n
-    return {'fvu': (sse / (s2 - (s1 ** 2).sum() / n)).item(), 'l0': l0 / n, 'count': count,
-            'act': act}
-
-# Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x.
-def geometric_median(x, iters=100):
-    m = x.mean(0)
-    for _ in range(iters):
-        w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
-        m_new = (w[:, None] * x).sum(0) / w.sum()
-        # stop once a step moves less than a millionth of the median's norm
-        if (m_new - m).norm() < 1e-6 * m.norm():
-            break
-        m = m_new
-    return m_new
-
-# Gao et al. 2024, section 2.1: one input scale s so that E||s x||^2 = d, then b_dec at the
-# geometric median of s x, in the space the SAE trains in (not the mean: a few far outliers, like
-# attention sinks, would drag it). Returns s.
-def init_from_data(sae, x):
-    scale = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().item())
-    sae.b_dec.data.copy_(geometric_median(x.to(sae.b_dec.device) * scale))
-    return scale
-
-# -----------------------------------------------------------------------------
-# files: the SAE, the checkpoint
-
-# Write the SAE for raw activations: the input scale s is folded in (the training SAE saw s*x), so
-# encode(x) = vals / s and decode gives recon / s; W_dec keeps unit rows. SAELens's layout: cfg.json
-# + sae_weights.safetensors, which SAE.load_from_disk(path) reads.
-def save_sae(sae, scale, path, info):
-    # pre(s x) = s ((x - b_dec / s) W_enc + b_enc / s): dividing both biases by s gives pre / s
-    t = {'W_enc': sae.W_enc, 'b_enc': sae.b_enc / scale, 'W_dec': sae.W_dec,
-         'b_dec': sae.b_dec / scale}
-    t = {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
-    info = {**info, 'k': sae.k, 'scale': scale}
-    meta = {'k': str(sae.k), 'scale': repr(scale), 'layer': str(info['layer']),
-            'model': info['model'], 'nanosae': json.dumps(info)}
-    cfg = {'architecture': 'topk', 'd_in': t['W_dec'].shape[1], 'd_sae': t['W_dec'].shape[0],
-           'k': sae.k, 'dtype': 'float32', 'device': 'cpu', 'apply_b_dec_to_input': True,
-           'normalize_activations': 'none', 'rescale_acts_by_decoder_norm': False,
-           'metadata': {'sae_lens_version': '6.0.0', 'model_name': info['model'],
-                        'hook_name': info['hook'], 'context_size': info['ctx_len']}}
-    os.makedirs(path, exist_ok=True)
-    # the weights last: their file is what load_sae looks for
-    write_file(os.path.join(path, 'cfg.json'), json.dumps(cfg, indent=1))
-    write_file(os.path.join(path, 'sae_weights.safetensors'), save(t, metadata=meta))
-
-# (sae, info) from a folder written by save_sae (or its .safetensors file), checked against its own
-# metadata; the SAE takes raw activations.
-def load_sae(path, device='cpu'):
-    f = path if path.endswith('.safetensors') else os.path.join(path, 'sae_weights.safetensors')
-    if not os.path.isfile(f):
-        raise SystemExit(f"no SAE at '{path}' (no {f}): train one with "
-                         f"`python sae.py --out_dir={path}`")
-    # a file cut short, not safetensors at all, or tensors that do not fit its metadata: one line
-    try:
-        with safe_open(f, 'pt') as h:
-            info = json.loads(h.metadata()['nanosae'])
-        t = load_file(f)
-        if not 1 <= info['k'] <= info['n_latents']:
-            raise ValueError(f"k={info['k']} of {info['n_latents']} latents")
-        sae = TopKSAE(t['W_dec'].shape[1], info['n_latents'], info['k'])
-        # back to the training layout; load_state_dict checks each shape
-        t['enc'] = torch.cat([t.pop('W_enc').T, t.pop('b_enc')[:, None]], 1)
-        sae.load_state_dict(t)
-    except Exception as e:
-        raise SystemExit(f"'{f}' is not a whole nanoSAE file ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:120]}): retrain it with "
-                         f"`python sae.py --init_from=scratch --out_dir={os.path.dirname(f)}`")
-    return sae.to(device).eval(), info
-
-# Restore a run from ckpt.pt; returns (iter, scale). A checkpoint of another config, of an older
-# sae.py, or cut short (a disk that filled, a copy interrupted) gives one line.
-def load_checkpoint(path, sae, opt, since_fired, ident, device):
-    ways_out = "pass --init_from=scratch (start over) or another --out_dir"
-    try:
-        ck = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"{path} is damaged ({type(e).__name__}): {ways_out}")
-    diff = config_diff(ck['config'], ident)
-    if diff:
-        raise SystemExit(f"{path} is from a different config ({diff}): {ways_out}")
-    try:
-        sae.load_state_dict(ck['sae'])
-        opt.load_state_dict(ck['opt'])
-        since_fired.copy_(ck['since_fired'])
-    except (RuntimeError, ValueError, KeyError) as e:
-        msg = ' '.join(str(e).split())[:160]
-        raise SystemExit(f"{path} does not fit this sae.py ({msg}): {ways_out}")
-    return ck['iter'], ck['scale']
-
-# -----------------------------------------------------------------------------
 if __name__ == '__main__':
+    t_start = time.time()
     config = configure(globals(), config_keys, rules)
     # -------------------------------------------------------------------------
     # processes: under torchrun each rank trains on its slice of every global batch
@@ -531,6 +679,17 @@ if __name__ == '__main__':
     n = n_latents or expansion * d
     if not 1 <= k <= n:
         raise SystemExit(f"--k={k}: valid is 1..{n} (n_latents)")
+    # matryoshka's prefixes: increasing latent counts, the last one all n latents
+    ends = sorted({max(1, n // f) for f in (32, 16, 8, 4, 1)})
+    example = ','.join(map(str, ends))
+    if prefixes:
+        ends = [int(p) if p.strip().isdigit() else 0 for p in prefixes.split(',')]
+    if ends[0] < 1 or ends[-1] != n or any(a >= b for a, b in zip(ends, ends[1:])):
+        raise SystemExit(f"--prefixes={prefixes}: valid is increasing latent counts that end at "
+                         f"n_latents={n}, e.g. --prefixes={example}")
+    # the encoder's product in bf16 where the hardware has it (autocast): said once, in the log
+    dt, why = pick_dtype(dtype, device)
+    config['dtype'] = str(dt)[6:]
     # whole contexts, so no held-out token has a neighbour in training; 4 bytes a row
     ctx = np.load(os.path.join(data_dir, 'ctx.npy'))
     held_out = np.random.default_rng(seed).random(int(ctx.max()) + 1) < val_frac
@@ -565,7 +724,7 @@ if __name__ == '__main__':
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}")
     resume = init_from != 'scratch' and os.path.exists(ckpt_path)
     # the weights are drawn right after the seed, before any other torch randomness
-    sae = TopKSAE(d, n, k).to(device)
+    sae = TopKSAE(d, n, k, arch, ends if arch == 'matryoshka' else ()).to(device)
     # Gao et al. 2024, section 2.4: the rate falls with the square root of the width
     lr0 = learning_rate or lr_mult * 2e-4 / math.sqrt(n / 2 ** 14)
     opt = make_optimizer(sae, lr0)
@@ -578,8 +737,14 @@ if __name__ == '__main__':
     else:
         # 32,768 rows fix one scalar and a median well (OpenAI's code uses the same count)
         rng = np.random.default_rng(seed)
-        sample = rng.choice(rows, min(len(rows), 32768), replace=False)
-        scale = init_from_data(sae, read_rows(acts, np.sort(sample)))
+        x = read_rows(acts, np.sort(rng.choice(rows, min(len(rows), 32768), replace=False)))
+        # attention sinks past position 0: a few rows with 100x the median norm (99 of the
+        # default 1M). BatchTopK would give such a row most of a batch's k*B latents, and each
+        # one moves the scale: they are left out of training and evaluation, for every arch
+        norm = x.norm(dim=1)
+        cut = sink_norm * norm.median().item() if sink_norm else math.inf
+        scale = init_from_data(sae, x[norm <= cut])
+        sae.max_norm.fill_(cut * scale)
     # the SAE's metadata: steer.py finds the model, the layer and the capture here
     info = {**{key: meta.get(key) for key in ('model', 'layer', 'hook', 'ctx_len', 'd_model', 'N')},
             'k': k, 'n_latents': n, 'scale': scale, 'data_dir': data_dir, 'capture': meta,
@@ -596,7 +761,8 @@ if __name__ == '__main__':
     # held-out rows in training-sized batches, so the peak memory does not grow with the set
     def val_batches():
         for j in range(0, len(val_rows), batch_size):
-            yield read_rows(acts, val_rows[j:j + batch_size]).to(device) * scale
+            x = read_rows(acts, val_rows[j:j + batch_size]).to(device) * scale
+            yield x[x.norm(dim=1) <= sae.max_norm]
 
     # dead: never fired on the held-out set, nor in the last dead_tokens tokens of training
     def run_eval():
@@ -617,9 +783,9 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # training loop
-    log(f"{N} activations of {meta['hook']} (d={d}) -> {n} latents, k={k}, lr {lr0:.2e}, "
+    log(f"{N} activations of {meta['hook']} (d={d}) -> {n} latents, {arch}, k={k}, lr {lr0:.2e}, "
         f"scale {scale:.4g}, {len(rows)} train / {len(val_rows)} val rows, global batch {gb}, "
-        f"{max_iters} steps, {world} process(es)")
+        f"{max_iters} steps, {world} process(es), encoder product in {config['dtype']} ({why})")
     # a finished run, rerun: nothing to do
     if it >= max_iters and os.path.exists(os.path.join(out_dir, 'sae_weights.safetensors')):
         log(f"{out_dir} already holds this run, trained for {it} steps")
@@ -632,6 +798,7 @@ if __name__ == '__main__':
     while it < max_iters:
         # the batch read in the background, scaled so that E||s x||^2 = d
         x = nxt.result().to(device) * scale
+        x = x[x.norm(dim=1) <= sae.max_norm]
         if it + 1 < max_iters:
             nxt = pool.submit(read_rows, acts, batch_rows(it + 1))
         fvu, aux, l0 = train_step(sae, opt, x, since_fired, lr_at(it), config)
@@ -666,7 +833,7 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # report: every rank holds the same weights (an invariant worth checking), then rank 0 saves
     if ddp:
-        for p in sae.parameters():
+        for p in [*sae.parameters(), sae.theta]:
             ref = p.detach().clone()
             dist.broadcast(ref, 0)
             assert torch.equal(ref, p.detach()), "ranks disagree on the weights"
@@ -680,7 +847,8 @@ if __name__ == '__main__':
         save_sae(sae, scale, out_dir, info)
         log(f"saved {out_dir}/sae_weights.safetensors: fvu {ev.get('fvu', float('nan')):.4f}, "
             f"l0 {ev.get('l0', 0):.1f}, dead {100 * ev.get('dead_frac', 0):.2f}%, "
-            f"{it * gb / (time.time() - t0):.0f} activations/s over {time.time() - t0:.0f}s")
+            f"{it * gb / (time.time() - t0):.0f} activations/s over {time.time() - t0:.0f}s; "
+            f"sae.py done in {time.time() - t_start:.0f}s")
     # ranks leave together: none tears down while rank 0 still writes
     if ddp:
         dist.barrier()

@@ -102,32 +102,52 @@ def steer_fn(sae, i, value, mode):
 
 # Next-token CE (nats) clean, with the SAE spliced in, spliced plus its error term, zero- and mean-
 # ablated at the layer; loss recovered and KL(clean || spliced). Only positions >= skip are changed
-# and scored.
+# and scored. The blocks below the layer run once per batch: a first forward keeps the layer's
+# output h and what each later block was called with (the mask, the position embeddings), and
+# each mode then reruns only the later blocks, the final norm and the head on its own copy of h.
 @torch.no_grad()
 def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     batches = [pad(ctxs[j:j + bs], device) for j in range(0, len(ctxs), bs)]
+    layers = list(blocks(lm)[1])
+    later = layers[layers.index(block) + 1:]
+    calls = []
+
+    # the layer's output starts a batch's record; each later block adds its call, less its input
+    def keep_h(mod, args, out):
+        calls.append([out[0] if isinstance(out, tuple) else out])
+
+    def keep_call(mod, args, kwargs):
+        calls[-1].append((mod, args[1:], {k: v for k, v in kwargs.items() if k != 'hidden_states'}))
+    hooks = [block.register_forward_hook(keep_h)]
+    hooks += [b.register_forward_pre_hook(keep_call, with_kwargs=True) for b in later]
+    t0 = time.time()
+    try:
+        for j, (ids, mask) in enumerate(batches):
+            # the head only at the last position: the modes compute their own logits
+            lm(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            progress('evaluate: a first forward per batch', j + 1, len(batches), t0)
+    finally:
+        for h in hooks:
+            h.remove()
     # the mean activation over real tokens at positions >= skip, for mean ablation
-    tot = cnt = 0
-    for ids, mask in batches:
-        m = mask[:, skip:, None]
-        h = run_to_layer(lm, block, ids, mask)[:, skip:]
-        tot, cnt = tot + (h * m).sum((0, 1)), cnt + m.sum()
-    mean = tot / cnt
-    # each mode is a function of the block's output; None runs the clean model
-    modes = {'clean': None, 'spliced': sae_fn(sae), 'spliced+error': sae_fn(sae, error=True),
+    m = torch.cat([mask[:, skip:].flatten() for _, mask in batches]).bool()
+    mean = torch.cat([c[0][:, skip:].flatten(0, 1) for c in calls])[m].mean(0)
+    # each mode is a function of the block's output
+    modes = {'clean': lambda h: h, 'spliced': sae_fn(sae), 'spliced+error': sae_fn(sae, error=True),
              'zero_ablated': torch.zeros_like, 'mean_ablated': lambda h: mean.expand_as(h)}
+    norm, head = final_norm(lm), lm.get_output_embeddings()
     # sums over tokens, divided by the token count at the end
-    ce, kl, n = dict.fromkeys(modes, 0.0), 0.0, 0
-    for ids, mask in batches:
+    ce, kl, n, t1 = dict.fromkeys(modes, 0.0), 0.0, 0, time.time()
+    for j, ((ids, mask), (h, *later_calls)) in enumerate(zip(batches, calls)):
         # predictions from positions >= skip, of real tokens
         tgt = mask[:, skip + 1:].bool()
         for name, fn in modes.items():
-            # one forward per mode, the hook removed before the next
-            handle = attach(block, fn, skip) if fn else None
-            logp = lm(input_ids=ids, attention_mask=mask).logits[:, skip:-1].float()
-            logp = F.log_softmax(logp, -1)[tgt]
-            if handle:
-                handle.remove()
+            x = torch.cat([h[:, :skip], fn(h[:, skip:])], 1)
+            for mod, args, kwargs in later_calls:
+                x = mod(x, *args, **kwargs)
+                x = x[0] if isinstance(x, tuple) else x
+            # the head only where a real token follows
+            logp = F.log_softmax(head(norm(x[:, skip:-1][tgt])).float(), -1)
             ce[name] += -logp.gather(1, ids[:, skip + 1:][tgt][:, None]).sum().item()
             # KL(clean || spliced) per token: sum p_clean (log p_clean - log p_spliced)
             if name == 'clean':
@@ -135,6 +155,7 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
             if name == 'spliced':
                 kl += (clean.exp() * (clean - logp)).sum().item()
         n += int(tgt.sum())
+        progress('evaluate: five modes above the layer', j + 1, len(batches), t1)
     r = {f'ce_{m}': v / n for m, v in ce.items()}
     # the share of the CE gap to ablation that the SAE closes (100: as good as the clean model)
     zero, mean_ab = r['ce_zero_ablated'], r['ce_mean_ablated']
@@ -142,21 +163,43 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     r['loss_recovered_vs_mean_pct'] = 100 * (mean_ab - r['ce_spliced']) / (mean_ab - r['ce_clean'])
     return {**r, 'delta_ce': r['ce_spliced'] - r['ce_clean'], 'kl': kl / n, 'tokens': n}
 
+# The final norm: it sits beside the list of blocks (model.norm, transformer.ln_f, ...).
+def final_norm(lm):
+    base = lm.get_submodule(blocks(lm)[0].rsplit('.', 1)[0])
+    return next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
+
+_said = {}  # when each stage last printed its progress
+
+# A progress line for a stage: done of total, the rate and an ETA, at most every 10 seconds.
+def progress(stage, done, total, t0):
+    if time.time() - _said.get(stage, t0) >= 10 or (done == total and time.time() - t0 >= 10):
+        _said[stage] = time.time()
+        eta = (time.time() - t0) / done * (total - done)
+        print(f"{stage}: {done}/{total} | {time.time() - t0:.0f}s | ETA {eta:.0f}s", flush=True)
+
 # -----------------------------------------------------------------------------
 # codes and documents: what probe, explain and the dashboard read
 
-# Every row of the capture through the encoder: its top k (values, latents), (N, k) each, kept in
-# memory (1M rows at k = 32: 384 MB).
+# Every row of the capture through the encoder: its codes (values, latents), (N, m) each, kept in
+# memory (1M rows at m = k = 32: 256 MB; latents as int32), and the L0. m is k for topk; a
+# JumpReLU (batchtopk, matryoshka) keeps what is above theta, which a row near the sink norm may
+# hold by the thousand: such a row keeps its 8k largest here (the L0 counts them all), or its
+# width would be every row's.
 @torch.no_grad()
 def encode_all(sae, acts, chunk=8192):
     N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
-    vals, idx = [], []
+    vals, idx, l0, t0 = [], [], 0, time.time()
     # chunks in row order: the file is read once, front to back; the codes go to the CPU
     for s in range(0, N, chunk):
         v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
+        l0 += (v > 0).sum().item()
+        v, j = v.topk(min(v.shape[1], 8 * sae.k), dim=1)
         vals.append(v.cpu())
-        idx.append(i.cpu())
-    return torch.cat(vals), torch.cat(idx)
+        idx.append(i.gather(1, j).int().cpu())
+        progress('encode the capture', min(N, s + chunk), N, t0)
+    m = max(v.shape[1] for v in vals)
+    return (torch.cat([F.pad(v, (0, m - v.shape[1])) for v in vals]),
+            torch.cat([F.pad(i, (0, m - i.shape[1])) for i in idx]), l0 / N)
 
 # The capture's arrays, with each row's document and label (its context's).
 def documents(cap):
@@ -206,8 +249,9 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
     # the negatives are drawn with a fixed seed: a rerun gives the same numbers
     g = torch.Generator().manual_seed(seed)
     acc = {f'{kind}_top{k}': [] for kind in ('sae', 'residual') for k in ks}
-    acc['residual_full'], best = [], {}
+    acc['residual_full'], best, t0 = [], {}, time.time()
     for c, name in enumerate(names):
+        progress('probe: classes', c + 1, len(names), t0)
         # balanced sets: every positive, and as many negatives at random, per split
         sets = []
         for split in (~test, test):
@@ -248,10 +292,11 @@ def probe_capture(sae, meta, a, codes, acts):
     lat = torch.zeros(D, n).index_put_((row_doc[:, None].expand_as(idx), idx), vals,
                                        accumulate=True) / rows
     # the residual stream, summed per document as it streams from disk
-    res = torch.zeros(D, meta['d_model'])
+    res, t0 = torch.zeros(D, meta['d_model']), time.time()
     for s in range(0, meta['N'], 65536):
         r = np.arange(s, min(meta['N'], s + 65536))
         res.index_add_(0, row_doc[r], read_rows(acts, r))
+        progress('probe: residual means', min(meta['N'], s + 65536), meta['N'], t0)
     res /= rows
     # each document's label: that of its contexts (all the same)
     label = torch.zeros(D, dtype=torch.long)
@@ -265,21 +310,61 @@ def probe_capture(sae, meta, a, codes, acts):
 # only when it fires in enough contexts on both sides of the document split.
 W_BEFORE, W_AFTER = 23, 8
 MIN_EXPLAIN, MIN_SCORE = 20, 5
-# bump it when a prompt changes: interp.json records it (the cache keys hold the prompts)
-PROMPT_VERSION = 1
-# the explainer's one message: the snippets go last, numbered; the one-line answer is the
-# explanation
-EXPLAIN = ("You study one feature of a language model. Below are text snippets; in each, the "
-           "tokens where the feature is active are marked <<like this>>. Say in one short phrase "
-           "what the feature responds to: a token, a word, a topic or a pattern. Answer with the "
-           "phrase only, on one line.\n\n{snippets}")
-# detection: one text per prompt when the model's next-token probabilities are at hand (local),
-# five per request and a list in reply when only text comes back (an endpoint)
-DETECT_ONE = ("A feature of a language model responds to: {explanation}\n\nText: \"{text}\"\n\n"
-              "Is the feature active somewhere in this text? Answer yes or no.")
-DETECT_MANY = ("A feature of a language model responds to: {explanation}\n\nFor each numbered "
-               "text below, is the feature active somewhere in it? Reply with only a JSON list "
-               "of 1 (active) and 0 (not active), one per text, e.g. [1, 0, 0, 1, 0].\n\n{texts}")
+# bump it when a prompt changes: interp.json records it, and the cache keys hold the prompts, so no
+# answer to an old prompt is reused for a new one
+PROMPT_VERSION = 2
+# The explainer's conversation: the task as a system message, two worked examples as earlier
+# turns, then the latent's snippets and the question last. A small model asked first and shown the
+# snippets after repeats the instructions or copies a snippet (SmolLM2-135M and a 1.5B Qwen did).
+EXPLAIN_SYSTEM = ("You label the features of a language model. You get short texts; in each, the "
+                  "tokens where one feature is active are marked <<like this>>. You reply with a "
+                  "short phrase of 2 to 8 words that says what the marked tokens have in common.")
+EXPLAIN_ASK = ("Texts:\n{snippets}\n\nWhat do the marked tokens have in common? Reply with a short "
+               "phrase.")
+EXPLAIN_EXAMPLES = [
+    ("1. ships crossed the Atlantic <<Ocean>> in\n2. fish that live in the deep <<sea>>\n"
+     "3. the river flows into the <<ocean>> near", "the sea or the ocean"),
+    ("1. She <<walked>> home after school\n2. they <<played>> in the park\n3. he <<jumped>> "
+     "over the fence", "verbs in the past tense")]
+# the second try, after an answer that repeats the instructions or copies a text
+EXPLAIN_AGAIN = ("That repeats the texts or the question. In 2 to 8 words of your own: what do the "
+                 "marked tokens have in common?")
+# detection: the explanation quoted, the text, and a concrete question. One text per prompt when
+# the model's next-token probabilities are at hand (local), five per request and a list in reply
+# when only text comes back (an endpoint)
+DETECT_ONE = ("A feature of a language model is described as \"{explanation}\".\n\nText: "
+              "\"{text}\"\n\nDoes this text contain something that fits the description "
+              "\"{explanation}\"? Answer yes or no.")
+DETECT_MANY = ("A feature of a language model is described as \"{explanation}\".\n\nFor each "
+               "numbered text below, does it contain something that fits that description? "
+               "Reply with only a JSON list of 1 (yes) and 0 (no), one per text, e.g. "
+               "[1, 0, 0, 1, 0].\n\n{texts}")
+
+# The explainer's messages for numbered snippets: system, the worked examples, the question last.
+def explain_messages(snippets):
+    shots = [[{'role': 'user', 'content': EXPLAIN_ASK.format(snippets=q)},
+              {'role': 'assistant', 'content': a}] for q, a in EXPLAIN_EXAMPLES]
+    return [{'role': 'system', 'content': EXPLAIN_SYSTEM}, *sum(shots, []),
+            {'role': 'user', 'content': EXPLAIN_ASK.format(snippets=snippets)}]
+
+# The explanation in an answer: its first line that says something, without a leading
+# 'Explanation:', quotes or marks; '' when the answer repeats the prompt (its marks, or 5 words in a
+# row of its instructions) or copies a text (5 words in a row of one snippet, or a whole one): that
+# is no description, and scoring it would score the snippet's words. A short answer may well use a
+# snippet's word ('death'): only runs of 5 count.
+def explanation(answer, snippets):
+    lines = [re.sub(r'^(explanation|answer|label)\s*:\s*', '', s.strip(), flags=re.I).strip(' "*.')
+             for s in answer.splitlines()]
+    text = next((s for s in lines if s), '')[:200]
+    words = lambda t: re.findall(r"[\w']+", t.lower())
+    said = words(text)
+    runs = {' '.join(said[i:i + 5]) for i in range(len(said) - 4)}
+    prompt = ' '.join(words(EXPLAIN_SYSTEM + ' ' + EXPLAIN_ASK))
+    texts = [' '.join(words(re.sub(r'^\d+\. |<<|>>', '', t))) for t in snippets.splitlines()]
+    if not said or '<<' in text or ' '.join(said) in texts or \
+            any(r in t for r in runs for t in [prompt] + texts):
+        return ''
+    return text
 
 # How many contexts each latent fires in, on the explain side and on the score side (n,) each.
 def context_counts(codes, a, n):
@@ -415,10 +500,9 @@ def local_backend(name, lm, tok, cache, log, batch_size):
     # transformers 5 calls the KV cache `cache` (in and out), 4.x `past_key_values`
     kv_name = 'cache' if 'cache' in inspect.signature(lm.forward).parameters else 'past_key_values'
 
-    # the text a chat model reads for a user message, up to where its answer starts
-    def prompt(text):
-        return tok.apply_chat_template([{'role': 'user', 'content': text}], tokenize=False,
-                                       add_generation_prompt=True)
+    # the text a chat model reads for a conversation, up to where its answer starts
+    def prompt(messages):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode(text):
         return tok(text, add_special_tokens=False, return_tensors='pt').input_ids.to(dev)
@@ -427,7 +511,7 @@ def local_backend(name, lm, tok, cache, log, batch_size):
     def chat(messages, max_tokens):
         # greedy: the same answer on every machine that computes alike
         def ask():
-            x = encode(prompt(messages[-1]['content']))
+            x = encode(prompt(messages))
             out = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
                               do_sample=False, pad_token_id=tok.eos_token_id)
             return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
@@ -436,8 +520,8 @@ def local_backend(name, lm, tok, cache, log, batch_size):
 
     @torch.no_grad()
     def judge(explanation, texts):
-        asks = {t: {'model': name, 'p_yes': prompt(DETECT_ONE.format(explanation=explanation,
-                                                                     text=t))} for t in texts}
+        asks = {t: {'model': name, 'p_yes': prompt([{'role': 'user', 'content': DETECT_ONE.format(
+            explanation=explanation, text=t)}])} for t in texts}
         # only the texts not answered yet reach the model
         todo, p = [t for t in asks if cache_key(asks[t]) not in cache], {}
         # each prompt tokenized whole, as it would be alone; the tokens they all start with (the
@@ -535,15 +619,19 @@ def http_backend(url, model, key_env, cache, log, timeout):
         return out
     return chat, judge
 
-# Balanced accuracy of P(yes) >= 0.5 against the truth, and the AUROC of P(yes) when it is a
-# probability (a local model); answers that did not parse (None) are left out and counted.
+# Detection scores of one explanation on one latent's texts (half positives by construction). With
+# P(yes) from a local model: the AUROC (the headline: a rank, so the model's prior for 'yes' cancels
+# out; a 1.5B model gave every text 0.65-0.82, which a cut at 0.5 calls all 'yes') and balanced
+# accuracy with the median P(yes) of these texts as the cut (chosen without the truth). With 0/1
+# answers (an endpoint): balanced accuracy. Answers that did not parse (None) are counted.
 def detection(p, truth, probabilities):
     pos = [q for q, t in zip(p, truth) if t and q is not None]
     neg = [q for q, t in zip(p, truth) if not t and q is not None]
     out = {'balanced_accuracy': None, 'failed': sum(q is None for q in p)}
+    cut = float(np.median(pos + neg)) if probabilities and pos and neg else 0.5
     # the mean of the two recalls: 0.5 for any constant answer, whatever the mix
     if pos and neg:
-        tpr, tnr = np.mean([q >= 0.5 for q in pos]), np.mean([q < 0.5 for q in neg])
+        tpr, tnr = np.mean([q > cut for q in pos]), np.mean([q <= cut for q in neg])
         out['balanced_accuracy'] = round(float(tpr + tnr) / 2, 4)
     # the chance that a positive gets a higher P(yes) than a negative (ties: half)
     if pos and neg and probabilities:
@@ -597,36 +685,48 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
           for i in chosen]
     # every explanation first: the random control needs another latent's
     numbered = ['\n'.join(f'{j + 1}. {s}' for j, s in enumerate(e['snippets'])) for e in ex]
-    answers = parallel(lambda s: chat([{'role': 'user', 'content': EXPLAIN.format(snippets=s)}],
-                                      40), numbered, workers)
-    # the first line that says something, without a leading 'Explanation:' or quotes
-    llm = []
-    for text in answers:
-        lines = [re.sub(r'^(explanation|answer)\s*:\s*', '', s.strip(), flags=re.I).strip(' "*')
-                 for s in text.splitlines()]
-        llm.append(next((s for s in lines if s), '')[:200])
+
+    # an answer that repeats the prompt or copies a text gets one reminder; then it has failed
+    # (None): it is counted, never scored as if it were an explanation
+    def explain(snippets):
+        ask = explain_messages(snippets)
+        first = chat(ask, 40)
+        again = ask + [{'role': 'assistant', 'content': first},
+                       {'role': 'user', 'content': EXPLAIN_AGAIN}]
+        return explanation(first, snippets) or explanation(chat(again, 40), snippets) or None
+    llm = parallel(explain, numbered, workers)
+    # the random control: the next latent's explanation that did not fail, in a ring
+    done = [j for j, e in enumerate(llm) if e]
+    ring = {j: done[(q + 1) % len(done)] for q, j in enumerate(done)} if len(done) > 1 else {}
 
     # the three explanations of latent j, scored on its held-out texts
     def score(j):
         kinds = {'llm': llm[j], 'token': ex[j]['token']}
-        if len(chosen) > 1:
-            kinds['random'] = llm[(j + 1) % len(chosen)]
+        if j in ring:
+            kinds['random'] = llm[ring[j]]
         s = {k: detection(judge(text, ex[j]['texts']), ex[j]['truth'], probabilities)
-             for k, text in kinds.items()}
-        acc = ' | '.join(f"{k} {v['balanced_accuracy']}" for k, v in s.items())
-        print(f"latent {chosen[j]:6d} | {acc} | {llm[j][:60]!r}", flush=True)
+             for k, text in kinds.items() if text}
+        head = 'auroc' if probabilities else 'balanced_accuracy'
+        got = ' | '.join(f"{k} {v.get(head)}" for k, v in s.items())
+        print(f"latent {chosen[j]:6d} | {head}: {got} | {str(llm[j])[:60]!r}", flush=True)
         return s
     # the time per latent covers examples, explaining and scoring
     scores = parallel(score, range(len(chosen)), workers)
-    ring = [int(chosen[(j + 1) % len(chosen)]) if len(chosen) > 1 else None for j in range(len(ex))]
     latents = {str(i): {'explanation': llm[j], 'token_baseline': e['token'], 'scores': scores[j],
-                        'random_from': ring[j], 'topic': e['topic'], 'contexts': e['contexts'],
+                        'random_from': int(chosen[ring[j]]) if j in ring else None,
+                        'topic': e['topic'], 'contexts': e['contexts'],
                         'shown': len(e['snippets']), 'positives': sum(e['truth']),
                         'negatives': len(e['truth']) - sum(e['truth'])}
                for j, (i, e) in enumerate(zip(chosen, ex))}
     # the LLM's explanations only mean something next to the controls'
-    summary = {k: summarize([s[k] for s in scores]) for k in scores[0]}
-    return {'latents': latents, 'summary': summary, 'prompt_version': PROMPT_VERSION,
+    summary = {k: summarize([s[k] for s in scores if k in s]) for k in ('llm', 'token', 'random')
+               if any(k in s for s in scores)}
+    headline = ('auroc_mean: the AUROC of P(yes), free of the scorer\'s prior for yes'
+                if probabilities else 'mean: balanced accuracy of the 0/1 answers')
+    return {'latents': latents, 'summary': summary, 'headline': headline,
+            'failed_explanations': sum(e is None for e in llm),
+            'balanced_accuracy_cut': 'the median P(yes) of the latent\'s texts' if probabilities
+            else '0.5', 'prompt_version': PROMPT_VERSION,
             'seconds_per_latent': round((time.time() - t0) / len(chosen), 2)}
 
 # -----------------------------------------------------------------------------
@@ -681,9 +781,7 @@ def example(c, i, codes, a):
 # Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
 # it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
 def logit_effects(lm, sae, live):
-    # the final norm sits beside the list of blocks (model.norm, transformer.ln_f, ...)
-    base = lm.get_submodule(blocks(lm)[0].rsplit('.', 1)[0])
-    norm = next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
+    norm = final_norm(lm)
     up, down = [], []
     for j in range(0, len(live), 512):
         logits = lm.get_output_embeddings()(norm(sae.W_dec[live[j:j + 512]][None]))[0]
@@ -705,8 +803,11 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
     # every example of both sets, by (set, latent), as named fields (numpy indexes small arrays
     # several times faster than torch)
     codes_np = tuple(t.numpy() for t in codes)
-    ex = {(kind, i): [example(c, i, codes_np, a) for c in s[i].tolist()]
-          for kind, s in zip(('top', 'sample'), sets) for i in live}
+    ex, t0 = {}, time.time()
+    for j, i in enumerate(live):
+        for kind, s in zip(('top', 'sample'), sets):
+            ex[kind, i] = [example(c, i, codes_np, a) for c in s[i].tolist()]
+        progress('dashboard: examples', j + 1, len(live), t0)
     # one shared token table, the most frequent tokens first: they get the short indices, and the
     # page is mostly token indices
     freq = Counter([t for exs in ex.values() for e in exs for t in e['tokens']] +
@@ -721,6 +822,8 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
                 round(e['value'], 3)]
     # steer.py --explain's explanations and scores, when there are some
     interp = read_json(os.path.join(folder, 'interp.json'), {'latents': {}, 'summary': {}})
+    # matryoshka: each latent's group, so the smallest prefix that holds it
+    group = sae.group(torch.tensor(live)).tolist() if sae.arch == 'matryoshka' else [None] * n
     cards = []
     for j, i in enumerate(live):
         big = ex['top', i][0]['value']
@@ -733,13 +836,16 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
                       'top': [pack(e, big) for e in ex['top', i]],
                       'quant': [[pack(e, big) for e in s[q * len(s) // Q:(q + 1) * len(s) // Q]]
                                 for q in range(Q)],
-                      'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]]})
+                      'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]],
+                      'group': group[j]})
         # the explanation and the detection scores: the LLM's, then the two controls'
         e = interp['latents'].get(str(i))
+        # the headline score of each: AUROC where the scorer gave P(yes), else balanced accuracy
         if e:
             cards[-1].update(explanation=e['explanation'], **{
-                k: e['scores'].get(key, {}).get('balanced_accuracy')
-                for k, key in (('score', 'llm'), ('token', 'token'), ('random', 'random'))})
+                k: e['scores'].get(key, {}).get('auroc', e['scores'].get(key, {}).get(
+                    'balanced_accuracy')) for k, key in (('score', 'llm'), ('token', 'token'),
+                                                          ('random', 'random'))})
     # the overview's numbers: training's held-out evaluation, then eval.json's, and the curves
     evals = {**info.get('eval', {}), **read_json(os.path.join(folder, 'eval.json'), {})}
     # (the per-class probe table stays in eval.json: the overview shows numbers)
@@ -749,9 +855,11 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
     curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
     # everything the page shows, and browser.json for programs
     data = {'model': info['model'], 'hook': info['hook'], 'n_latents': n, 'k': sae.k,
+            'arch': sae.arch, 'ends': sae.ends,
             'dead': int((count == 0).sum()), 'eval': evals, 'curves': curves,
             'vocab': [tok.decode([t]) for t in vocab],
-            'detection': {k: s['mean'] for k, s in interp['summary'].items()},
+            'detection': {k: s.get('auroc_mean', s['mean'])
+                          for k, s in interp['summary'].items()},
             'config': {'sae': info['config'], 'capture': info['capture'].get('config')},
             'latents': cards}
     text = json.dumps(data, separators=(',', ':'))
@@ -805,7 +913,7 @@ const example = ([ids, acts, at, value]) => '<div class="ex">' + ids.map((t, j) 
 // the SAE as a whole: its numbers, its training curves, its latents' densities (log10, in
 // quarter decades from 1e-7)
 function drawOverview() {
-  title.textContent = `${D.model}, ${D.hook}: ${D.n_latents} latents, k=${D.k}`
+  title.textContent = `${D.model}, ${D.hook}: ${D.n_latents} latents, ${D.arch}, k=${D.k}`
   const det = Object.entries(D.detection).map(([k, v]) => ['detection_' + k, v])
   const hist = new Array(28).fill(0)
   for (const l of D.latents) hist[Math.min(27, Math.floor((Math.log10(l.density) + 7) * 4))]++
@@ -821,9 +929,13 @@ function drawCard(i) {
   const l = byId.get(i), edge = b => (2 ** (b / 4 - 10)).toPrecision(2)
   jump.value = i
   if (!l) return card.innerHTML = `<h2>latent ${i}</h2>dead or absent: it never fired`
+  // matryoshka: the latent's group, and so the smallest prefix that holds it
+  const group = l.group == null ? '' : `<p class="group">matryoshka group ${l.group}: latents ` +
+    `${l.group ? D.ends[l.group - 1] : 0}..${D.ends[l.group] - 1}</p>`
   card.innerHTML = `<h2 data-latent="${i}">latent ${i}</h2><p>density ${(100 * l.density)
-    .toPrecision(3)}% (${l.count} activations), max ${l.max}</p>` + (l.explanation == null ? ''
-    : `<p>explanation: <b class="expl">${esc(l.explanation)}</b><br>detection, balanced ` +
+    .toPrecision(3)}% (${l.count} activations), max ${l.max}</p>` + group +
+    (l.explanation == null ? ''
+    : `<p>explanation: <b class="expl">${esc(l.explanation)}</b><br>detection, AUROC or balanced ` +
     `accuracy (chance 0.5): <span class="score">${l.score}</span> (token baseline ${l.token}` +
     `, random explanation ${l.random})</p>`) + 'nonzero activations, log scale' +
     bars(l.hist[1], edge(l.hist[0]), edge(l.hist[0] + l.hist[1].length)) +
@@ -860,6 +972,7 @@ show()
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
+    t_start = time.time()
     # every key checked before anything is loaded
     config = configure(globals(), config_keys, rules)
     if any(a.startswith('--prompt=') for a in sys.argv[1:]) and not prompt.strip():
@@ -921,12 +1034,20 @@ if __name__ == '__main__':
                              f"the default --data=wiki (topics)")
         t0 = time.time()
         # about 2 minutes for the default 1M rows on 2 cores; 384 MB of codes
-        codes, a = encode_all(sae, acts), documents(cap)
-        print(f"encoded {len(codes[0])} rows of the capture in {time.time() - t0:.0f}s")
+        *codes, l0 = encode_all(sae, acts)
+        a = documents(cap)
+        # L0 at inference: batchtopk and matryoshka keep what is above theta, not exactly k
+        l0 = {'l0_inference': round(l0, 2)}
+        print(f"encoded {len(codes[0])} rows of the capture in {time.time() - t0:.0f}s: "
+              f"L0 {l0['l0_inference']}")
 
     # -------------------------------------------------------------------------
     # probe: a capture too small for any class (a few thousand tokens) has nothing to report
     r = probe_capture(sae, meta, a, codes, acts) if probe else {'probe_classes': 0}
+    if probe or explain or which or browse:
+        # beside the evaluation's numbers, when there are some
+        f = os.path.join(folder, 'eval.json')
+        write_file(f, json.dumps({**read_json(f, {}), **l0, **r}, indent=1))
     if probe and not r['probe_classes']:
         print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
     if r['probe_classes']:
@@ -938,9 +1059,6 @@ if __name__ == '__main__':
         print(f"  full residual {r['probe_residual_full']:.3f}")
         for name, b in r['probe_best_latent'].items():
             print(f"  {name:30s} latent {b['latent']:6d} {b['accuracy']:.3f}")
-        # beside the evaluation's numbers, when there are some
-        f = os.path.join(folder, 'eval.json')
-        write_file(f, json.dumps({**read_json(f, {}), **r}, indent=1))
 
     # -------------------------------------------------------------------------
     # explain: the explainer is a local model (the SAE's own by default) or an endpoint
@@ -972,10 +1090,13 @@ if __name__ == '__main__':
         r = interpret(sae, meta, a, codes, tok, backend, explain, which, seed, workers)
         r.update(explainer=name, explainer_model=explainer_model or None)
         write_file(os.path.join(folder, 'interp.json'), json.dumps(r, indent=1))
+        # the headline first: AUROC for a local scorer, balanced accuracy for an endpoint
         for k, s in r['summary'].items():
-            print(f"{k:6s} explanations: balanced accuracy {s['mean']} +- {s['sd']}, "
-                  f"{s['share_at_least_0.7']} at 0.7+, {s.get('auroc_mean', '-')} AUROC, "
+            print(f"{k:6s} explanations: AUROC {s.get('auroc_mean', '-')}, balanced accuracy "
+                  f"{s['mean']} +- {s['sd']} ({s['share_at_least_0.7']} at 0.7+), "
                   f"{s['failed_answers']} answers unparsed")
+        print(f"{r['failed_explanations']} explanations failed (they repeated the prompt or "
+              f"copied a text, twice)")
         print(f"wrote {folder}/interp.json: {r['seconds_per_latent']}s per latent with {name}")
 
     # -------------------------------------------------------------------------
@@ -1015,3 +1136,4 @@ if __name__ == '__main__':
             outs.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         print(f"latent {latent}, {mode} {strength} x {unit:.3g} (its mean activation)\n"
               f"--- clean ---\n{prompt}{outs[0]}\n--- steered ---\n{prompt}{outs[1]}")
+    print(f"steer.py done in {time.time() - t_start:.0f}s")

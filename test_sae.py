@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 import capture, sae as sae_script, steer
-from sae import (TopKSAE, configure, topk, losses, update_dead, train_step, evaluate, save_sae,
-                 load_sae, read_rows, make_optimizer, init_from_data, check_capture)
+from sae import (TopKSAE, configure, topk, batch_topk, losses, update_dead, train_step, evaluate,
+                 save_sae, load_sae, read_rows, make_optimizer, init_from_data, check_capture)
 from capture import run_to_layer, blocks
 from steer import attach, steer_fn, evaluate_lm
 
@@ -33,7 +33,8 @@ ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1',
        'PYTHONWARNINGS': 'ignore'}
 WORDS = ('the a river city king music atom cell war song law sun ocean moon map tree stone iron '
          'art god').split()
-CFG = dict(dead_tokens=10**9, k_aux=8, auxk_coef=1 / 32, grad_clip=1.0, dtype='float32')
+CFG = dict(dead_tokens=10**9, k_aux=8, auxk_coef=1 / 32, grad_clip=1.0, dtype='float32',
+           theta_rate=0.01)
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -122,8 +123,10 @@ def tiny(tmp_path_factory):
     return {'root': root, 'model': str(root / 'model'), 'corpus': str(root / 'corpus'),
             'cap': str(root / 'cap'), 'docs': docs, 'tok': tok, 'cap_args': cap_args}
 
+# topk: the truths of the tests that use these SAEs assume exactly k codes per row; the default
+# (batchtopk) runs in the real pipeline, resume and every-arch tests
 SAE_ARGS = ['--n_latents=256', '--k=8', '--batch_size=128', '--max_iters=300',
-            '--dead_tokens=4000', '--val_frac=0.1']
+            '--dead_tokens=4000', '--val_frac=0.1', '--arch=topk']
 
 @pytest.fixture(scope='session')
 def trained(tiny):
@@ -177,12 +180,13 @@ def test_configure_parses_types_and_checks_rules():
 # an out-of-range value for every numeric key of each script; None: the range depends on the
 # model or the data, so it is checked once they are loaded (the bad-input table runs those)
 BAD = {capture: {'layer': None, 'ctx_len': None, 'max_tokens': 0, 'batch_size': 0,
-                 'log_seconds': 0, 'dtype': 'int8'},
+                 'log_seconds': 0, 'dtype': 'int8', 'compute_dtype': 'float64'},
        sae_script: {'expansion': 0, 'n_latents': -1, 'k': None, 'batch_size': 0, 'max_iters': 0,
                     'learning_rate': -0.1, 'lr_mult': 0, 'warmup_iters': -1, 'decay_frac': 1.5,
                     'grad_clip': 0, 'auxk_coef': -1, 'k_aux': -1, 'dead_tokens': -1,
                     'val_frac': 1, 'eval_interval': 0, 'log_interval': 0, 'ckpt_interval': 0,
-                    'seed': -1, 'dtype': 'float16', 'init_from': 'x'},
+                    'seed': -1, 'dtype': 'float16', 'init_from': 'x', 'arch': 'relu',
+                    'theta_rate': 0, 'sink_norm': -1},
        steer: {'eval_tokens': 0, 'latent': -2, 'strength': 'inf', 'max_new_tokens': 0,
                'temperature': -1, 'seed': -1, 'top_latents': 0, 'browse_latents': -1,
                'n_examples': 0, 'batch_size': 0, 'mode': 'push', 'explain': -1,
@@ -311,17 +315,24 @@ BAD_INPUT = [
     ('ctx_len', 'capture.py {m} {c} --layer=1 --ctx_len=100000', 'valid is 2..256'),
     ('no model', 'capture.py --model=/no/such/model {c}', 'pass a local folder'),
     ('float16 overflow', 'capture.py --model={root}/big {c} --layer=0', '--dtype=float32'),
+    ('out_dir below a file', 'capture.py {m} {c} --out_dir={root}/latin1.txt/cap',
+     'cannot be created'),
     ('no capture', 'sae.py --data_dir={root}/none', 'python capture.py --out_dir='),
+    ('sae out_dir below a file', 'sae.py --data_dir={cap} --out_dir={root}/latin1.txt/sae',
+     'cannot be created'),
     ('unfinished', 'sae.py --data_dir={root}/partial', 'unfinished capture'),
     ('cut short', 'sae.py --data_dir={root}/cut',
      ('acts.npy is damaged', 'python capture.py --model={model}', '--layer=1')),
     ('wrong dtype', 'sae.py --data_dir={root}/int64', ('ctx.npy is damaged', '--layer=1')),
     ('nan', 'sae.py --data_dir={root}/nan --batch_size=64', 'at row 7'),
     ('k', 'sae.py --data_dir={cap} --k=0', 'valid is 1..'),
+    ('prefixes', 'sae.py --data_dir={cap} --arch=matryoshka --n_latents=256 --prefixes=64,32,256',
+     ('increasing latent counts', '--prefixes=8,16,32,64,256')),
     ('batch', 'sae.py --data_dir={cap} --batch_size=100000', 'lower --batch_size'),
     ('other config', 'sae.py --data_dir={cap} --out_dir={sae} --n_latents=256 --k=9',
      'different config'),
     ('no sae', 'steer.py --sae_path={root}/none', 'no SAE at'),
+    ('sae below a file', 'steer.py --sae_path={root}/latin1.txt/sae', 'no SAE at'),
     ('latent', 'steer.py --sae_path={sae} --prompt=hi --latent=256', 'latents 0..255'),
     ('empty prompt', 'steer.py --sae_path={sae} --prompt= ', '--prompt is empty'),
     ('width', 'steer.py --sae_path={root}/narrow --evaluate=True', 'does not match'),
@@ -395,24 +406,32 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_whole(tiny, tmp_path):
             subprocess.run(['umount', str(out)])
 
 # ----------------------------------------------------------------------------- capture
-def test_capture_rows_are_the_residual_stream_of_their_tokens(tiny):
-    """Every row is hidden_states[layer + 1] of its context at its position (HF's own output);
-    contexts are exactly the documents cut into 32-token pieces, position 0 excluded and
-    recorded, no padding stored."""
-    lm, tok, cap = load_lm(tiny['model']), tiny['tok'], tiny['cap']
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_capture_rows_are_the_residual_stream_of_their_tokens(tiny, dtype, tmp_path):
+    """Every row is hidden_states[layer + 1] of its context at its position (HF's own output, in
+    float32): to 1e-5 from a float32 forward pass, and within 5% of each row's norm from a bfloat16
+    one (the default where the CPU multiplies bf16 natively; 8 bits of mantissa); contexts are
+    exactly the documents cut into 32-token pieces, position 0 excluded and recorded, no padding
+    stored."""
+    cap = str(tmp_path / 'cap')
+    run('capture.py', *tiny['cap_args'], f'--compute_dtype={dtype}', f'--out_dir={cap}')
+    lm, tok = load_lm(tiny['model']), tiny['tok']
     acts, tokens, ctx, pos, first = (np.load(os.path.join(cap, f + '.npy'))
                                      for f in ('acts', 'tokens', 'ctx', 'pos', 'first'))
     meta = json.load(open(os.path.join(cap, 'meta.json')))
     assert meta['excluded'] == 'position 0 of every context' and meta['hook'] == 'model.layers.1'
-    assert acts.shape == (meta['N'], 64)
+    assert acts.shape == (meta['N'], 64) and meta['forward_dtype'] == dtype
     got = []
     for c in range(ctx.max() + 1):
         rows = np.nonzero(ctx == c)[0]
         ids = [int(first[c])] + tokens[rows].tolist()
         assert pos[rows].tolist() == list(range(1, len(ids)))
-        hs = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states
-        torch.testing.assert_close(torch.from_numpy(acts[rows]), hs[2][0, 1:], atol=1e-5,
-                                   rtol=1e-5)
+        hs = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, 1:]
+        a = torch.from_numpy(acts[rows])
+        if dtype == 'float32':
+            torch.testing.assert_close(a, hs, atol=1e-5, rtol=1e-5)
+        else:
+            assert ((a - hs).norm(dim=1) < 0.05 * hs.norm(dim=1)).all()
         got.append(ids)
     # the truth: the tokenizer's ids of each document, cut every 32 tokens
     want = [ids[s:s + 32] for d in tiny['docs'] for ids in [tok(d).input_ids]
@@ -536,7 +555,7 @@ def test_2_3_10_auxk_and_the_fast_path(device, n):
     precision); eval's encode/decode gives the same reconstruction."""
     sae, x = (t.to(device) for t in make(n=n))
     dead = torch.arange(n, device=device) >= n // 2
-    fvu, aux, vals, idx = losses(sae, x, dead, 8)
+    fvu, aux, _, vals, idx = losses(sae, x, dead, 8)
     want = dense_losses(sae, x, dead, 8)
     torch.testing.assert_close(torch.stack([fvu, aux]), torch.stack(want).detach())
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
@@ -683,14 +702,244 @@ def test_planted_dictionary_is_recovered():
                    {**CFG, 'dead_tokens': 50_000})
     assert (true @ sae.W_dec.detach().T).max(1).values.gt(0.9).float().mean() >= 0.9
 
-def step_vs_matmul(d=576, n=9216, k=32, batch=4096, steps=20):
-    """The README's speed line: seconds per training step on random data (the default shapes),
-    against one x @ W_enc of the same shapes, the product no SAE step can skip. Medians: these
-    machines are shared: python -c 'import test_sae; print(test_sae.step_vs_matmul())'."""
-    torch.manual_seed(0)
-    sae, x = TopKSAE(d, n, k), torch.randn(batch, d)
-    opt, since = make_optimizer(sae, 1e-4), torch.zeros(n, dtype=torch.long)
-    W = sae.W_enc.detach().contiguous()
+# ------------------------------------------------------------------------ batchtopk, matryoshka
+def flat_top(pre, k):
+    """The dense reference of BatchTopK: relu(pre) flattened, a stable sort (ties to the lower
+    row-major index), the first k*B kept; as a dense (B, n) matrix."""
+    v = pre.relu().flatten()
+    keep = v.argsort(descending=True, stable=True)[:k * len(pre)]
+    return torch.zeros_like(v).index_put_((keep,), v[keep]).view_as(pre)
+
+def dense(vals, idx, n):
+    return torch.zeros(len(idx), n, dtype=vals.dtype).scatter_add_(1, idx.long(), vals)
+
+def test_batch_selection_equals_the_flattened_top_k():
+    """sae.batch_topk keeps the same entries as a flatten-and-stable-sort of the whole batch: with
+    ties (small integers), rows far from the rest (which offer more than their 2k candidates),
+    fewer positive entries than k*B, and a width where the candidates are the whole row. Rows keep
+    unequal counts, which a per-row top-k could never give."""
+    g = torch.Generator().manual_seed(0)
+    far = torch.randn(128, 2048, generator=g)
+    far[:3] *= 40
+    cases = [torch.randn(256, 2048, generator=g), torch.randint(-3, 4, (256, 2048), generator=g),
+             far, torch.randn(64, 2048, generator=g) - 3.5, torch.randn(64, 48, generator=g)]
+    for pre in cases:
+        pre = pre.float()
+        vals, idx = batch_topk(pre, 16)
+        assert torch.equal(dense(vals, idx, pre.shape[1]), flat_top(pre, 16))
+    counts = (batch_topk(cases[0], 16)[0] > 0).sum(1)
+    assert counts.min() < 16 < counts.max()
+    # the far rows hold most of their batch's 16 * 128
+    assert (batch_topk(far, 16)[0] > 0).sum(1)[:3].min() > 100
+    # and a per-row selection is not it
+    v, i = topk(cases[0], 16)
+    assert not torch.equal(dense(v.relu(), i, 2048), flat_top(cases[0], 16))
+
+def make_arch(arch, d=16, n=64, k=4, seed=0):
+    sae, x = make(d, n, k, seed)
+    sae.arch, sae.ends = arch, ([n // 8, n // 4, n // 2, n] if arch == 'matryoshka' else [n])
+    return sae, x
+
+def dense_arch_losses(sae, x, dead, k_aux):
+    """The plain version of batchtopk's and matryoshka's loss: dense pre-activations, the flattened
+    top k*B, each prefix's reconstruction by masking the one dense code matrix (never selecting
+    again), the sum of their FVUs; AuxK on the whole reconstruction. Autograd does the rest."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    z = flat_top(pre, sae.k)
+    var = lambda t: ((t - t.mean(0)) ** 2).sum()
+    prefixes = [z * (torch.arange(z.shape[1]) < e) for e in sae.ends]
+    loss = sum(((x - (p @ sae.W_dec + sae.b_dec)) ** 2).sum() for p in prefixes) / var(x)
+    recon = z @ sae.W_dec + sae.b_dec
+    av, ai = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=1)
+    e = (x - recon).detach()
+    aux = ((e - torch.zeros_like(pre).scatter(1, ai, av.relu()) @ sae.W_dec) ** 2).sum() / var(e)
+    return loss, aux
+
+@pytest.mark.parametrize('arch', ['batchtopk', 'matryoshka'])
+def test_batch_archs_fast_path_equals_the_dense_loss_and_gradients(arch):
+    """The fast path's loss (the sum of every prefix's FVU for matryoshka) and AuxK, and every
+    gradient, equal autograd on the dense version; a matryoshka that selects again in each prefix
+    gives another loss."""
+    sae, x = make_arch(arch, n=2048, k=8)
+    dead = torch.arange(2048) >= 1024
+    grads = []
+    for f in (lambda: losses(sae, x, dead, 8)[:2], lambda: dense_arch_losses(sae, x, dead, 8)):
+        sae.zero_grad()
+        loss, aux = f()
+        (loss + aux / 32).backward()
+        grads.append([loss.detach(), aux.detach()] + [p.grad.clone() for p in sae.parameters()])
+    for fast, want in zip(*grads):
+        torch.testing.assert_close(fast, want, rtol=1e-4, atol=1e-6)
+    if arch == 'matryoshka':
+        pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+        again = sum(((x - (flat_top(pre[:, :e], sae.k) @ sae.W_dec[:e] + sae.b_dec)) ** 2).sum()
+                    for e in sae.ends) / ((x - x.mean(0)) ** 2).sum()
+        assert abs(again.item() - grads[0][0].item()) > 1e-3 * again.item()
+
+def test_theta_follows_its_running_mean():
+    """theta starts at the smallest value the first step keeps (the k*B-th largest of relu(pre),
+    computed densely here), then moves by theta_rate towards each step's, the mean over ranks
+    (one here)."""
+    sae, x = make_arch('batchtopk', n=256, k=4)
+    opt, since = make_optimizer(sae, 1e-2), torch.zeros(256, dtype=torch.long)
+    want = 0.0
+    for step in range(6):
+        with torch.no_grad():
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        low = pre.relu().flatten().topk(4 * len(x)).values[-1].item()
+        want = low if step == 0 else want + 0.25 * (low - want)
+        train_step(sae, opt, x, since, 1e-2, {**CFG, 'theta_rate': 0.25})
+        assert abs(sae.theta.item() - want) < 1e-5 * want
+
+@pytest.mark.parametrize('arch', ['topk', 'batchtopk', 'matryoshka'])
+def test_saved_arch_round_trips_and_encodes_as_a_jumprelu(arch, tmp_path):
+    """Each arch saves and loads to the same codes; the file records the arch, theta (divided by
+    the input scale) and the prefix ends; batchtopk and matryoshka are SAELens's 'jumprelu', and
+    its formula on the file's tensors, relu(pre) * (pre > threshold), gives our codes. With theta
+    at a batch's k*B-th value, the JumpReLU keeps what the batch selection keeps, less that one
+    entry (theta itself: the threshold is strict)."""
+    sae, x = make_arch(arch, n=256, k=4)
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    train = dense(*batch_topk(pre, 4), 256)
+    sae.theta.fill_(train[train > 0].min())
+    s, info = 0.37, {'model': 'm', 'layer': 3, 'hook': 'model.layers.3', 'ctx_len': 32,
+                     'n_latents': 256}
+    save_sae(sae, s, str(tmp_path), info)
+    loaded, got = load_sae(str(tmp_path))
+    assert (loaded.arch, loaded.ends, got['arch'], got['ends']) == (arch, sae.ends, arch, sae.ends)
+    with torch.no_grad():
+        want = dense(*sae.encode(s * x), 256) / s
+        torch.testing.assert_close(dense(*loaded.encode(x), 256), want)
+        torch.testing.assert_close(loaded(x), sae(s * x) / s, rtol=1e-4, atol=1e-5)
+    cfg = json.load(open(tmp_path / 'cfg.json'))
+    if arch == 'topk':
+        assert (cfg['architecture'], cfg['k']) == ('topk', 4)
+        return
+    assert cfg['architecture'] == 'jumprelu' and 'k' not in cfg
+    with safe_open(str(tmp_path / 'sae_weights.safetensors'), 'pt') as f:
+        t = {name: f.get_tensor(name) for name in f.keys()}
+        assert float(f.metadata()['theta']) == pytest.approx(sae.theta.item() / s)
+    p = (x - t['b_dec']) @ t['W_enc'] + t['b_enc']
+    saelens = p.relu() * (p > t['threshold'])
+    with torch.no_grad():
+        torch.testing.assert_close(dense(*loaded.encode(x), 256), saelens)
+        # in the training space: the batch's selection, less the entry at theta
+        jump = dense(*sae.encode(x), 256)
+    assert torch.equal(jump, train * (train > sae.theta))
+    assert (train > 0).sum() - (jump > 0).sum() == 1
+
+def test_an_sae_of_the_previous_format_loads_as_topk(tmp_path):
+    """A file written before the arch key (no arch, theta, prefix ends or sink norm in its
+    metadata) loads as a topk SAE with the same codes."""
+    sae, x = make()
+    info = {'model': 'm', 'layer': 3, 'hook': 'model.layers.3', 'ctx_len': 32, 'n_latents': 64}
+    save_sae(sae, 1.0, str(tmp_path), info)
+    f = str(tmp_path / 'sae_weights.safetensors')
+    with safe_open(f, 'pt') as h:
+        t = {name: h.get_tensor(name) for name in h.keys()}
+        meta = h.metadata()
+    old = {k: v for k, v in json.loads(meta['nanosae']).items()
+           if k not in ('arch', 'theta', 'ends', 'max_norm')}
+    from safetensors.torch import save_file
+    save_file(t, f, metadata={'k': meta['k'], 'scale': meta['scale'], 'layer': meta['layer'],
+                              'model': meta['model'], 'nanosae': json.dumps(old)})
+    loaded, got = load_sae(str(tmp_path))
+    assert loaded.arch == 'topk' and 'arch' not in got
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sae(x))
+
+# ----------------------------------------------------------------------------- known features
+def known_features(B, g, d=48, nf=96, parents=8):
+    """Activations from a known dictionary with the structure that tells the archs apart: F unit
+    directions in d < nf dimensions (so they overlap), Zipf-like firing rates (feature i fires with
+    probability ~ 1 / (i + 1)^0.8), a varying number of active features per row, and parent/child
+    pairs: each of the first `parents` features has two children, which fire only with it (one
+    at most, half the time). Returns the activations (B, d), the true codes (B, nf), the
+    dictionary and the children."""
+    # the same dictionary for every batch; batch g's codes from seed g
+    true = F.normalize(torch.randn(nf, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    gen = torch.Generator().manual_seed(g)
+    rate = 0.5 / (torch.arange(nf) + 1.0) ** 0.8
+    z = (torch.rand(B, nf, generator=gen) < rate).float()
+    # children: features parents + 2j and parents + 2j + 1 belong to parent j
+    child = torch.arange(parents, parents + 2 * parents).view(parents, 2)
+    z[:, child.flatten()] = 0
+    pick = torch.randint(0, 2, (B, parents), generator=gen)
+    on = z[:, :parents].bool() & (torch.rand(B, parents, generator=gen) < 0.5)
+    z.scatter_(1, child[torch.arange(parents), pick], on.float())
+    z *= 0.5 + torch.rand(B, nf, generator=gen)
+    return z @ true + 0.01 * torch.randn(B, d, generator=gen), z, true, child
+
+
+def train_on_known(arch, steps=1200, seed=0):
+    """An SAE of each arch, 2x the true features' count and k = the mean count of active ones
+    (about 6), trained on fresh batches of known_features."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(48, 192, 6, arch, [24, 48, 96, 192] if arch == 'matryoshka' else ())
+    opt, since = make_optimizer(sae, 3e-3), torch.zeros(192, dtype=torch.long)
+    scale = init_from_data(sae, known_features(4096, 10**6)[0])
+    for i in range(steps):
+        lr = 3e-3 * min(1, (steps - i) / (steps // 5))
+        train_step(sae, opt, known_features(512, i)[0] * scale, since, lr,
+                   {**CFG, 'dead_tokens': 20_000, 'k_aux': 24})
+    return sae, scale
+
+def recovery(sae, scale, B=20000):
+    """Against the truth, on fresh activations: the share of true features that some decoder row
+    matches at cos >= 0.9; greedy one-to-one matching by cosine (highest first), its mean cosine
+    (MCC); F1 of each matched latent's firing against its feature's (mean over all features,
+    unmatched 0); absorption: of the rows where a parent and one of its children are active and
+    the child's latent fires, the share where the parent's latent is silent."""
+    x, z, true, child = known_features(B, 10**7)
+    cos = true @ sae.W_dec.detach().T  # (F, n)
+    out = {'recovery': (cos.max(1).values >= 0.9).float().mean().item()}
+    match, c = {}, cos.clone()
+    for _ in range(len(true)):
+        f, j = divmod(int(c.argmax()), c.shape[1])
+        match[f] = (j, cos[f, j].item())
+        c[f], c[:, j] = -2, -2
+    out['mcc'] = float(np.mean([m[1] for m in match.values()]))
+    with torch.no_grad():
+        fired = dense(*sae.encode(x * scale), sae.W_dec.shape[0]) > 0
+    f1 = []
+    for f, (j, _) in match.items():
+        tp = (fired[:, j] & (z[:, f] > 0)).sum().item()
+        f1.append(2 * tp / max(fired[:, j].sum().item() + (z[:, f] > 0).sum().item(), 1))
+    out['f1'] = float(np.mean(f1))
+    silent = both = 0
+    for p, kids in enumerate(child.tolist()):
+        for c_ in kids:
+            rows = (z[:, p] > 0) & (z[:, c_] > 0) & fired[:, match[c_][0]]
+            both += rows.sum().item()
+            silent += (rows & ~fired[:, match[p][0]]).sum().item()
+    out['absorption'] = silent / max(both, 1)
+    return {key: round(v, 3) for key, v in out.items()}
+
+@pytest.mark.parametrize('arch,floor', [('topk', 0.8), ('batchtopk', 0.9), ('matryoshka', 0.6)])
+def test_known_features_are_recovered(arch, floor):
+    """Each arch finds most of a known dictionary (a decoder row at cos >= 0.9 for each true
+    feature), on data with overlapping directions, Zipf-like rates, varying counts and
+    parent/child pairs."""
+    assert recovery(*train_on_known(arch))['recovery'] >= floor
+
+def known_features_table():
+    """The README's table: python -c 'import test_sae; test_sae.known_features_table()'."""
+    for arch in ('topk', 'batchtopk', 'matryoshka'):
+        print(arch, recovery(*train_on_known(arch)))
+
+def step_vs_matmul(d=576, n=9216, k=32, batch=4096, steps=20, acts=''):
+    """The README's speed line: seconds per training step of each arch at the default shapes, the
+    encoder's product in the dtype that --dtype=auto picks here, against one x @ W_enc in that
+    dtype (the product no SAE step can skip); on random data, or on rows of a capture's acts.npy
+    (scaled, sinks left out, as sae.py trains). Medians: these machines are shared:
+    python -c 'import test_sae; print(test_sae.step_vs_matmul(acts="data/smollm2-l15/acts.npy"))'"""
+    dt = sae_script.pick_dtype('auto', 'cpu')[0]
+    x = torch.randn(batch, d)
+    if acts:
+        rows = np.random.default_rng(0).choice(len(np.load(acts, mmap_mode='r')), batch, False)
+        x = read_rows(acts, np.sort(rows))
+        x = x[x.norm(dim=1) <= 10 * x.norm(dim=1).median()]
+        x *= math.sqrt(d / x.pow(2).sum(1).mean())
 
     def median(f):
         ts = []
@@ -699,26 +948,48 @@ def step_vs_matmul(d=576, n=9216, k=32, batch=4096, steps=20):
             f()
             ts.append(time.perf_counter() - t0)
         return float(np.median(ts))
-    step = median(lambda: train_step(sae, opt, x, since, 1e-4, CFG))
-    mm = median(lambda: x @ W)
-    return {'acts_per_s': round(batch / step), 'step_s': round(step, 4), 'matmul_s': round(mm, 4),
-            'step_over_matmul': round(step / mm, 2), 'threads': torch.get_num_threads()}
+    step = {}
+    for arch in ('topk', 'batchtopk', 'matryoshka'):
+        torch.manual_seed(0)
+        sae = TopKSAE(d, n, k, arch, [n // 32, n // 16, n // 8, n // 4, n])
+        opt, since = make_optimizer(sae, 1e-4), torch.zeros(n, dtype=torch.long)
+        cfg = {**CFG, 'dtype': str(dt)[6:]}
+        step[arch] = median(lambda: train_step(sae, opt, x, since, 1e-4, cfg))
+    xd, W = x.to(dt), sae.W_enc.detach().contiguous().to(dt)
+    mm = median(lambda: xd @ W)
+    return {**{f'{a}_acts_per_s': round(len(x) / s) for a, s in step.items()},
+            'step_s': round(step['topk'], 4), 'matmul_s': round(mm, 4),
+            'step_over_matmul': round(step['topk'] / mm, 2),
+            'batchtopk_over_topk': round(step['batchtopk'] / step['topk'], 2),
+            'matryoshka_over_topk': round(step['matryoshka'] / step['topk'], 2),
+            'dtype': str(dt)[6:], 'threads': torch.get_num_threads()}
 
 def test_step_speed_is_measurable():
     """The speed function runs on small shapes and gives a step slower than its one product."""
     r = step_vs_matmul(d=32, n=2048, k=8, batch=512, steps=5)
-    assert r['acts_per_s'] > 0 and r['step_over_matmul'] > 1
+    assert r['topk_acts_per_s'] > 0 and r['step_over_matmul'] > 1
 
 def test_9_torchrun_gloo_equals_one_process(tiny, tmp_path):
     """2 gloo ranks with batch 64 each give the weights of one process with batch 128 (and the
     script itself asserts that both ranks end with identical weights)."""
     args = [f'--data_dir={tiny["cap"]}', '--n_latents=256', '--k=8', '--max_iters=30',
-            '--dead_tokens=1500', '--warmup_iters=5']
+            '--dead_tokens=1500', '--warmup_iters=5', '--arch=topk']
     run('sae.py', *args, '--batch_size=128', f'--out_dir={tmp_path / "one"}')
     run('sae.py', *args, '--batch_size=64', f'--out_dir={tmp_path / "two"}', nproc=2)
     a, b = load_sae(str(tmp_path / 'one'))[0], load_sae(str(tmp_path / 'two'))[0]
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+def test_9_batchtopk_under_torchrun_selects_per_rank(tiny, tmp_path):
+    """BatchTopK under 2 gloo ranks: each rank selects its k*B among its own 64 rows (as
+    dictionary_learning and SAELens do), so the run is not one process's with batch 128; what
+    holds is that both ranks end with the same weights and theta (the script asserts it), theta
+    the mean of the ranks' smallest kept values, and an L0 at inference near k."""
+    args = [f'--data_dir={tiny["cap"]}', '--n_latents=256', '--k=8', '--max_iters=60',
+            '--dead_tokens=1500', '--warmup_iters=5', '--arch=batchtopk', '--batch_size=64']
+    run('sae.py', *args, f'--out_dir={tmp_path / "two"}', nproc=2)
+    sae, info = load_sae(str(tmp_path / 'two'))
+    assert sae.arch == 'batchtopk' and sae.theta > 0 and 4 <= info['eval']['l0'] <= 16
 
 def test_resume_after_kill_equals_uninterrupted(tiny, trained, tmp_path):
     """kill -9 after the first checkpoint, rerun: the same weights as a run never interrupted
@@ -798,7 +1069,8 @@ def test_steering_hooks(tiny, trained):
 
 def test_loss_recovered(tiny, trained):
     """With the error term added back the CE is the clean CE (to float error); the SAE changes the
-    output distribution (KL > 0) and closes most of the gap to zero-ablation, by its formula."""
+    output distribution (KL > 0) and closes most of the gap to zero-ablation, by its formula; the
+    spliced CE is that of the whole model run with the SAE hooked in."""
     lm, sae = load_lm(tiny['model']), load_sae(trained)[0]
     ctxs = [np.array(tiny['tok'](d).input_ids[:32], np.int32) for d in tiny['docs'][:12]]
     r = evaluate_lm(lm, blocks(lm)[1][1], sae, ctxs, 1, 4, 'cpu')
@@ -808,6 +1080,17 @@ def test_loss_recovered(tiny, trained):
     gap = r['ce_zero_ablated'] - r['ce_clean']
     want = 100 * (r['ce_zero_ablated'] - r['ce_spliced']) / gap
     assert abs(r['loss_recovered_pct'] - want) < 1e-6 and r['loss_recovered_pct'] > 90
+    # evaluate_lm reruns only the blocks above the layer; the truth: one whole forward with the
+    # SAE hooked in
+    handle, ce, count = attach(blocks(lm)[1][1], steer.sae_fn(sae), 1), 0, 0
+    for j in range(0, len(ctxs), 4):
+        ids, mask = capture.pad(ctxs[j:j + 4], 'cpu')
+        logp = F.log_softmax(lm(input_ids=ids, attention_mask=mask).logits[:, 1:-1].float(), -1)
+        tgt = mask[:, 2:].bool()
+        ce -= logp[tgt].gather(1, ids[:, 2:][tgt][:, None]).sum().item()
+        count += tgt.sum().item()
+    handle.remove()
+    assert abs(ce / count - r['ce_spliced']) < 1e-4
 
 def encoded_capture(sae, cap):
     """The capture through the SAE, computed here: (N, n) activations and the token of each row."""
@@ -815,6 +1098,31 @@ def encoded_capture(sae, cap):
     vals, idx = sae.encode(read_rows(os.path.join(cap, 'acts.npy'), np.arange(N)))
     z = torch.zeros(N, sae.W_dec.shape[0]).scatter_(1, idx, vals)
     return z, np.load(os.path.join(cap, 'tokens.npy'))
+
+@pytest.mark.parametrize('arch', ['batchtopk', 'matryoshka'])
+def test_steer_works_with_every_arch(tiny, labelled, arch, tmp_path):
+    """steer.py's evaluation, probes, dashboard, --prompt inspection and steering on a batchtopk
+    and a matryoshka SAE, all through its own encode: eval.json has the L0 at inference (the
+    capture encoded here, its codes counted), and the dashboard gives each matryoshka latent its
+    group: i lies between the group's ends in the file."""
+    out = tmp_path / arch
+    run('sae.py', f'--data_dir={labelled["cap"]}', f'--out_dir={out}', *SAE_ARGS, f'--arch={arch}')
+    sae = load_sae(str(out))[0]
+    run('steer.py', f'--sae_path={out}', f'--data={tiny["corpus"]}', '--eval_tokens=500')
+    ev = json.load(open(out / 'eval.json'))
+    z = encoded_capture(sae, labelled['cap'])[0]
+    assert ev['l0_inference'] == round((z > 0).sum().item() / len(z), 2) != sae.k
+    assert ev['probe_classes'] == 3 and abs(ev['ce_spliced+error'] - ev['ce_clean']) < 1e-4
+    cards = json.load(open(out / 'browser.json'))['latents']
+    lo = [0] + sae.ends
+    assert all((c['group'] is None) == (arch != 'matryoshka') for c in cards)
+    assert all(lo[c['group']] <= c['i'] < sae.ends[c['group']] for c in cards
+               if c['group'] is not None)
+    assert {c['group'] for c in cards} == ({None} if arch != 'matryoshka' else set(range(5)))
+    # one line per token of the prompt (bytes here), and the last one
+    assert len(run('steer.py', f'--sae_path={out}', '--prompt=the river').stdout.splitlines()) > 9
+    p = run('steer.py', f'--sae_path={out}', '--prompt=the river', '--latent=3', '--mode=clamp')
+    assert '--- steered ---' in p.stdout
 
 def test_dashboard_data_matches_the_capture(tiny, trained):
     """browser.json, for every live latent, against the capture encoded here: the nonzero count,
@@ -838,7 +1146,7 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
         assert [ex[3] for ex in l['top']] == sorted([ex[3] for ex in l['top']], reverse=True)
         q = [ex[3] for group in l['quant'] for ex in group]
         assert q == sorted(q) and len(q) == min(10, l['count'])
-    codes = steer.encode_all(sae, os.path.join(tiny['cap'], 'acts.npy'))
+    codes = steer.encode_all(sae, os.path.join(tiny['cap'], 'acts.npy'))[:2]
     a = steer.documents(tiny['cap'])
     count, hist, (top, _) = steer.scan(codes, 256, 3, 10)
     assert torch.equal(count, (z > 0).sum(0)) and torch.equal(hist.sum(1), count)
@@ -966,7 +1274,7 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
     documents are disjoint, and those of the score set are all held out."""
     sae, info = planted(labelled, tmp_path)
     tok, cap = tiny['tok'], info['data_dir']
-    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy'), steer.documents(cap), \
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[:2], steer.documents(cap), \
         check_capture(cap)
     assert (codes[1][:, 0].numpy() == a['tokens']).all()
 
@@ -989,6 +1297,81 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
     shown, scored = a['row_doc'][e['explain_rows']], a['row_doc'][e['score_rows']]
     assert not set(shown) & set(scored) and steer.held_out(scored).all()
     assert not steer.held_out(shown).any()
+
+def test_a_prior_for_yes_does_not_hide_a_good_explanation(tiny, labelled, tmp_path):
+    """A scripted scorer like the 1.5B model of the report: P(yes) is 0.75 on every text, plus
+    0.03 where the text holds the token the explanation names. A cut at P(yes) = 0.5 calls every
+    text 'yes' (balanced accuracy 0.5 for all three kinds); the AUROC, and balanced accuracy cut at
+    the median P(yes), give the planted explanation 1.0 and the random control about 0.5."""
+    sae, info = planted(labelled, tmp_path)
+    tok, cap = tiny['tok'], info['data_dir']
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[:2], steer.documents(cap), \
+        check_capture(cap)
+
+    def chat(messages, max_tokens):
+        marked = Counter(re.findall(r'<<(.+?)>>', messages[-1]['content']))
+        return f"the token '{marked.most_common(1)[0][0]}'"
+
+    def judge(explanation, texts):
+        word = re.search(r"'(.+?)'", explanation).group(1)
+        return [0.75 + 0.03 * (word in t) for t in texts]
+    k, o = tok.convert_tokens_to_ids(['k', 'o'])
+    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, True), 0, [k, o], 0, 1)
+    s = r['latents'][str(k)]['scores']
+    assert s['llm']['auroc'] == s['token']['auroc'] == 1.0 and 0.3 <= s['random']['auroc'] <= 0.7
+    assert s['llm']['balanced_accuracy'] == 1.0 and 0.3 <= s['random']['balanced_accuracy'] <= 0.7
+    assert 'auroc' in r['headline'] and 'median' in r['balanced_accuracy_cut']
+    # the old score: a cut at 0.5
+    truth = steer.examples(k, codes, a, tok, np.random.default_rng([0, k]), meta['labels'])
+    p = judge("the token 'k'", truth['texts'])
+    assert np.mean([q >= 0.5 for q in p]) == 1.0
+
+def test_an_answer_that_repeats_the_prompt_or_copies_a_text_is_no_explanation(tiny, labelled,
+                                                                             tmp_path):
+    """The explainer's conversation puts the system's task first, worked examples next, the
+    latent's snippets and then the question last. An answer that copies a snippet, or repeats
+    the instructions, gets one reminder; a second such answer is a failed explanation: counted,
+    never scored. A short answer that uses a snippet's word is an explanation."""
+    msgs = steer.explain_messages('1. the <<sea>> is deep')
+    assert msgs[0]['role'] == 'system' and [m['role'] for m in msgs[-3:]] == \
+        ['user', 'assistant', 'user']
+    last = msgs[-1]['content']
+    assert last.index('<<sea>>') < last.index('What do the marked tokens have in common?')
+    sae, info = planted(labelled, tmp_path)
+    tok, cap = tiny['tok'], info['data_dir']
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[:2], steer.documents(cap), \
+        check_capture(cap)
+    k, o, e = tok.convert_tokens_to_ids(['k', 'o', 'e'])
+
+    # latent k copies a snippet, then repeats the instructions; o repeats them once, then answers
+    def chat(messages, max_tokens):
+        snippets, first = messages[5]['content'], len(messages) == 6
+        copy = re.search(r'^1\. (.*)$', snippets, re.M).group(1).replace('<<', '').replace('>>', '')
+        if '<<k>>' in snippets:
+            return copy if first else 'You reply with a short phrase of 2 to 8 words'
+        if '<<o>>' in snippets:
+            return 'What do the marked tokens have in common' if first else 'the letter o'
+        return 'the letter e'
+
+    def judge(explanation, texts):
+        return [0.5] * len(texts)
+    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, True), 0, [k, o, e], 0, 1)
+    assert r['latents'][str(k)]['explanation'] is None and r['failed_explanations'] == 1
+    assert 'llm' not in r['latents'][str(k)]['scores'] and r['summary']['llm']['latents'] == 2
+    assert r['latents'][str(o)]['explanation'] == 'the letter o'
+    assert steer.explanation('death', '1. the conflict\'s <<death>> toll') == 'death'
+
+# The prompts' hash for each PROMPT_VERSION: a prompt changed without a new version (whose cached
+# answers would be taken for the new prompt's) fails here
+PROMPTS = {2: 'c20a396b951cae72'}
+
+def test_a_prompt_change_bumps_the_prompt_version():
+    """The hash of every prompt text is the one recorded for steer.PROMPT_VERSION."""
+    import hashlib
+    texts = [steer.EXPLAIN_SYSTEM, steer.EXPLAIN_ASK, steer.EXPLAIN_EXAMPLES, steer.EXPLAIN_AGAIN,
+             steer.DETECT_ONE, steer.DETECT_MANY]
+    digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+    assert PROMPTS.get(steer.PROMPT_VERSION) == digest, digest
 
 class Endpoint(BaseHTTPRequestHandler):
     """A chat-completions server that follows the explanation: an explain request gets "the token
@@ -1015,7 +1398,7 @@ class Endpoint(BaseHTTPRequestHandler):
         if '<<' in text:
             answer = f"the token '{Counter(re.findall(r'<<(.+?)>>', text)).most_common(1)[0][0]}'"
         else:
-            word = re.search(r"responds to: .*?'(.+?)'", text).group(1)
+            word = re.search(r"described as \".*?'(.+?)'", text).group(1)
             texts = re.findall(r'^\d+\. "(.*)"$', text, re.M)
             answer = json.dumps([int(word in t) for t in texts])
         out = json.dumps({'choices': [{'message': {'role': 'assistant', 'content': answer}}]})
@@ -1156,8 +1539,10 @@ def test_explain_with_a_local_model_and_a_gguf_file(tiny, labelled, chat_model, 
         run(*args)
         r = json.load(open(sae / 'interp.json'))
         assert len(r['latents']) == 2 and r['explainer'] == explainer
+        # the tiny model's answers may fail the explanation check: then only the controls score
         for e in r['latents'].values():
-            assert 0 <= e['scores']['llm']['auroc'] <= 1 and e['positives'] > 0
+            assert 0 <= e['scores']['token']['auroc'] <= 1 and e['positives'] > 0
+            assert (e['explanation'] is None) == ('llm' not in e['scores'])
         lines = open(sae / 'interp_cache.jsonl').readlines()
         run(*args)
         assert open(sae / 'interp_cache.jsonl').readlines() == lines
