@@ -30,7 +30,7 @@ arch = 'batchtopk'       # 'topk', 'batchtopk' or 'matryoshka' (the model sectio
                          # the README says why batchtopk is the default)
 prefixes = ''            # matryoshka: where the nested prefixes end, e.g. '288,576,1152,2304,9216';
                          # '': at n/32, n/16, n/8, n/4 and n (Bussmann et al. 2025)
-theta_rate = 0.01        # batchtopk, matryoshka: the weight of each step in theta's running mean
+theta_rate = 0.05        # batchtopk, matryoshka: the weight of each step in theta's running mean
 batch_size = 4096        # activations per step, per process
 max_iters = 1000         # 4.1M activations: 4 passes over the default 1M-token capture
 learning_rate = 0.0      # 0: Adam at 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024, section 2.4)

@@ -181,25 +181,26 @@ def progress(stage, done, total, t0):
 # codes and documents: what probe, explain and the dashboard read
 
 # Every row of the capture through the encoder: its codes (values, latents), (N, m) each, kept in
-# memory (1M rows at m = k = 32: 256 MB; latents as int32), and the L0. m is k for topk; a
-# JumpReLU (batchtopk, matryoshka) keeps what is above theta, which a row near the sink norm may
-# hold by the thousand: such a row keeps its 8k largest here (the L0 counts them all), or its
-# width would be every row's.
+# memory with latents as int32 (1M rows at m = 32: 256 MB), the L0, and how many rows lost codes. m
+# is k for topk; a JumpReLU (batchtopk, matryoshka) keeps all that is above theta, which a rare
+# row holds by the hundred: here a row keeps its 4k largest (the L0 counts them all), so that the
+# widest row does not set every row's width.
 @torch.no_grad()
 def encode_all(sae, acts, chunk=8192):
     N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
-    vals, idx, l0, t0 = [], [], 0, time.time()
+    m = sae.k if sae.arch == 'topk' else 4 * sae.k
+    vals, idx = torch.zeros(N, m), torch.zeros(N, m, dtype=torch.int32)
+    l0, cut, t0 = 0, 0, time.time()
     # chunks in row order: the file is read once, front to back; the codes go to the CPU
     for s in range(0, N, chunk):
         v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
         l0 += (v > 0).sum().item()
-        v, j = v.topk(min(v.shape[1], 8 * sae.k), dim=1)
-        vals.append(v.cpu())
-        idx.append(i.gather(1, j).int().cpu())
+        cut += ((v > 0).sum(1) > m).sum().item()
+        v, j = v.topk(min(v.shape[1], m), dim=1)
+        vals[s:s + len(v), :v.shape[1]] = v.cpu()
+        idx[s:s + len(v), :v.shape[1]] = i.gather(1, j).int().cpu()
         progress('encode the capture', min(N, s + chunk), N, t0)
-    m = max(v.shape[1] for v in vals)
-    return (torch.cat([F.pad(v, (0, m - v.shape[1])) for v in vals]),
-            torch.cat([F.pad(i, (0, m - i.shape[1])) for i in idx]), l0 / N)
+    return vals, idx, l0 / N, cut
 
 # The capture's arrays, with each row's document and label (its context's).
 def documents(cap):
@@ -1033,13 +1034,14 @@ if __name__ == '__main__':
                              f".jsonl whose lines carry a \"label\" (a class per document), or "
                              f"the default --data=wiki (topics)")
         t0 = time.time()
-        # about 2 minutes for the default 1M rows on 2 cores; 384 MB of codes
-        *codes, l0 = encode_all(sae, acts)
+        # 1-2 minutes for the default 1M rows on 2 cores; 256 MB of codes (topk), 1 GB (the others)
+        *codes, l0, cut = encode_all(sae, acts)
         a = documents(cap)
         # L0 at inference: batchtopk and matryoshka keep what is above theta, not exactly k
         l0 = {'l0_inference': round(l0, 2)}
-        print(f"encoded {len(codes[0])} rows of the capture in {time.time() - t0:.0f}s: "
-              f"L0 {l0['l0_inference']}")
+        print(f"encoded {len(codes[0])} rows of the capture in {time.time() - t0:.0f}s: L0 "
+              f"{l0['l0_inference']}; {cut} rows had more than {codes[0].shape[1]} active latents "
+              f"and keep their largest")
 
     # -------------------------------------------------------------------------
     # probe: a capture too small for any class (a few thousand tokens) has nothing to report

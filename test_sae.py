@@ -986,7 +986,8 @@ def test_9_batchtopk_under_torchrun_selects_per_rank(tiny, tmp_path):
     holds is that both ranks end with the same weights and theta (the script asserts it), theta
     the mean of the ranks' smallest kept values, and an L0 at inference near k."""
     args = [f'--data_dir={tiny["cap"]}', '--n_latents=256', '--k=8', '--max_iters=60',
-            '--dead_tokens=1500', '--warmup_iters=5', '--arch=batchtopk', '--batch_size=64']
+            '--dead_tokens=1500', '--warmup_iters=5', '--arch=batchtopk', '--batch_size=64',
+            '--theta_rate=0.1']
     run('sae.py', *args, f'--out_dir={tmp_path / "two"}', nproc=2)
     sae, info = load_sae(str(tmp_path / 'two'))
     assert sae.arch == 'batchtopk' and sae.theta > 0 and 4 <= info['eval']['l0'] <= 16
