@@ -753,14 +753,15 @@ def scan(codes, n, E, R):
     # log2 bins, 4 per octave from 2^-10; anything smaller goes in the first bin
     bins = ((v[fired].log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
     hist = torch.bincount(lat[fired] * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
-    # the sample's keys from a fixed seed: the same capture gives the same page
-    rand = torch.rand(len(v), generator=torch.Generator().manual_seed(0))
+    # the sample's keys from a fixed seed, one per firing code (not per slot: a JumpReLU's codes
+    # are mostly empty slots): the same capture gives the same page
+    rand = torch.rand(len(fired), generator=torch.Generator().manual_seed(0))
     # sorted by latent, each latent's codes are one segment: where each starts and ends
     ends = count.cumsum(0).tolist()
     sets = []
-    for key, m in ((v, E), (rand, R)):
+    for key, m in ((v[fired], E), (rand, R)):
         # by key first, then stably by latent: the key order holds within each segment
-        o = fired[key[fired].argsort(descending=True, stable=True)]
+        o = fired[key.argsort(descending=True, stable=True)]
         o = o[lat[o].argsort(stable=True)]
         sets.append([o[e - c:e - c + min(c, m)] for e, c in zip(ends, count.tolist())])
     return count, hist, sets
