@@ -694,7 +694,11 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
         first = chat(ask, 40)
         again = ask + [{'role': 'assistant', 'content': first},
                        {'role': 'user', 'content': EXPLAIN_AGAIN}]
-        return explanation(first, snippets) or explanation(chat(again, 40), snippets) or None
+        out = explanation(first, snippets) or explanation(chat(again, 40), snippets) or None
+        asked.append(out)
+        progress('explain: explanations', len(asked), len(numbered), t0)
+        return out
+    asked = []
     llm = parallel(explain, numbered, workers)
     # the random control: the next latent's explanation that did not fail, in a ring
     done = [j for j, e in enumerate(llm) if e]
