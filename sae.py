@@ -81,7 +81,8 @@ class TopKSAE(torch.nn.Module):
 
     def __init__(self, d, n, k, arch='topk', ends=()):
         super().__init__()
-        self.k, self.arch = k, arch
+        self.k = k
+        self.arch = arch
         # matryoshka: where each nested prefix of the latent list ends (the last one at n)
         self.ends = list(ends) or [n]
         # the JumpReLU threshold of batchtopk and matryoshka (0: not estimated yet)
@@ -271,7 +272,8 @@ def losses(sae, x, dead, k_aux):
         # the residual of each prefix in turn, from the one selection (a prefix never re-selects:
         # Bussmann et al. 2025, section 3; SAELens first re-ran the top-k per prefix, another
         # model): x - b_dec, less one group's part at a time
-        group, e, loss = sae.group(idx), x - sae.b_dec, 0
+        group = sae.group(idx)
+        e, loss = x - sae.b_dec, 0
         for p in range(len(sae.ends)):
             e = e - sae.decode(vals * (group == p), idx, bias=False)
             loss = loss + e.pow(2).sum() / var
@@ -282,7 +284,7 @@ def losses(sae, x, dead, k_aux):
         loss = fvu = (x - recon).pow(2).sum() / var
     aux = torch.zeros((), device=x.device)
     # dead latents regress what the live ones missed (the whole reconstruction's residual): no
-    # b_dec (sparsify #132), residual detached
+    # b_dec (the residual has none; with it, AuxK would fit b_dec), residual detached
     if k_aux:
         e = (x - recon).detach()
         aux = (e - sae.decode(avals, aidx, bias=False)).pow(2).sum() / global_var(e)
@@ -367,7 +369,7 @@ def read_rows(path, idx):
     check_finite(x, idx, ctx, f"{path} is damaged: recapture it with --dtype=float32")
     return torch.from_numpy(x)
 
-# FVU around the global mean of all batches (streamed, float64; SAELens #659 used a per-batch mean),
+# FVU around the global mean of all batches (streamed, float64; a per-batch mean would inflate it),
 # L0, and per latent: how often it fired and the sum of its activations.
 @torch.no_grad()
 def evaluate(sae, batches):
@@ -420,7 +422,8 @@ def save_sae(sae, scale, path, info):
     if jump:
         t['threshold'] = (sae.theta / scale).expand(len(sae.W_dec))
     t = {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
-    theta, max_norm = (sae.theta / scale).item(), (sae.max_norm / scale).item()
+    theta = (sae.theta / scale).item()
+    max_norm = (sae.max_norm / scale).item()
     info = {**info, 'k': sae.k, 'scale': scale, 'arch': sae.arch, 'theta': theta,
             'ends': sae.ends, 'max_norm': max_norm}
     meta = {'k': str(sae.k), 'scale': repr(scale), 'layer': str(info['layer']),

@@ -349,10 +349,10 @@ def explain_messages(snippets):
             {'role': 'user', 'content': EXPLAIN_ASK.format(snippets=snippets)}]
 
 # The explanation in an answer: its first line that says something, without a leading
-# 'Explanation:', quotes or marks; '' when the answer repeats the prompt (its marks, or 5 words in a
-# row of its instructions) or copies a text (5 words in a row of one snippet, or a whole one): that
-# is no description, and scoring it would score the snippet's words. A short answer may well use a
-# snippet's word ('death'): only runs of 5 count.
+# 'Explanation:', quotes or marks; '' when the answer repeats the prompt (its marks, 5 words in a
+# row of its instructions, a worked example's answer) or copies a text (5 words in a row of one
+# snippet, or a whole one): that is no description, and scoring it would score the snippet's
+# words. A short answer may well use a snippet's word ('death'): only runs of 5 count.
 def explanation(answer, snippets):
     lines = [re.sub(r'^(explanation|answer|label)\s*:\s*', '', s.strip(), flags=re.I).strip(' "*.')
              for s in answer.splitlines()]
@@ -361,7 +361,10 @@ def explanation(answer, snippets):
     said = words(text)
     runs = {' '.join(said[i:i + 5]) for i in range(len(said) - 4)}
     prompt = ' '.join(words(EXPLAIN_SYSTEM + ' ' + EXPLAIN_ASK))
+    # a worked example's answer is the prompt too (SmolLM2-135M gave 'the sea or the ocean' to 15
+    # of 45 latents)
     texts = [' '.join(words(re.sub(r'^\d+\. |<<|>>', '', t))) for t in snippets.splitlines()]
+    texts += [' '.join(words(a)) for _, a in EXPLAIN_EXAMPLES]
     if not said or '<<' in text or ' '.join(said) in texts or \
             any(r in t for r in runs for t in [prompt] + texts):
         return ''

@@ -1361,6 +1361,7 @@ def test_an_answer_that_repeats_the_prompt_or_copies_a_text_is_no_explanation(ti
     assert 'llm' not in r['latents'][str(k)]['scores'] and r['summary']['llm']['latents'] == 2
     assert r['latents'][str(o)]['explanation'] == 'the letter o'
     assert steer.explanation('death', '1. the conflict\'s <<death>> toll') == 'death'
+    assert steer.explanation('The sea or the ocean.', '1. the <<sea>>') == ''
 
 # The prompts' hash for each PROMPT_VERSION: a prompt changed without a new version (whose cached
 # answers would be taken for the new prompt's) fails here
