@@ -1,7 +1,7 @@
 """
-Train a sparse autoencoder on the activations that capture.py wrote: TopK (Gao et al. 2024,
-"Scaling and evaluating sparse autoencoders"), BatchTopK or Matryoshka BatchTopK; save it as
-safetensors (SAELens layout) for steer.py.
+Train a sparse autoencoder on the activations that capture.py wrote: BatchTopK (Bussmann et al.
+2024, the default), TopK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") or
+Matryoshka BatchTopK (Bussmann et al. 2025); save it as safetensors (SAELens layout) for steer.py.
 $ python sae.py                                    # data/smollm2-l15 -> out/smollm2-l15
 $ python sae.py --arch=topk --out_dir=out/smollm2-l15-topk      # or --arch=matryoshka
 $ python sae.py --data_dir=data/l1b-l8 --out_dir=out/l1b-l8 --expansion=32 --k=64 --device=cuda
