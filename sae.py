@@ -159,36 +159,47 @@ def topk(pre, k, g=8):
     vals, j = pre.gather(1, cand).topk(k, dim=1, sorted=False)
     return vals, cand.gather(1, j)
 
+# The entries of x (B, n) that can be among its K largest, as (values, row-major positions), rows
+# in order: topk's argument over the whole batch. The K largest column maxima (recursively) are K
+# distinct entries, so the K-th largest entry is at least t, the K-th largest maximum: only the
+# entries >= t of the columns whose maximum is >= t are candidates (all ties included).
+def candidates(x, K, g=8):
+    B, n = x.shape
+    s = n // g
+    if n % g or B * s < 2 * K:
+        return x.flatten(), torch.arange(x.numel(), device=x.device)
+    v, p = candidates(x.view(B, g, s).amax(1), K, g)
+    t = v.kthvalue(len(v) - K + 1).values
+    p = p[v >= t]
+    # the g entries of each such column, by their place in x
+    p = ((p // s * n + p % s)[:, None] + torch.arange(0, n, s, device=x.device)).flatten()
+    v = x.flatten()[p]
+    return v[v >= t], p[v >= t]
+
 # BatchTopK's choice: the k*B largest entries of relu(pre) (B, n) over the whole batch, ties to the
 # lower row-major index, as a flatten-and-stable-sort would take them; never a sort of all B*n.
-# Each row's 2k largest are candidates, and t, the k*B-th largest candidate, is the batch's own
-# when each row's smallest candidate is below t (or 0): no row can hold more than it offered. The
-# few rows that may (a token far from the rest) offer twice as many, until none may. Returns
-# codes (B, m), 0 where a slot keeps nothing.
+# Returns codes (B, m), m the most any row keeps, 0 where a slot keeps nothing.
 def batch_topk(pre, k):
     B, n = pre.shape
-    m = min(n, 2 * k)
-    vals, idx = topk(pre, m)
-    vals = vals.relu()
-    full = torch.arange(B, device=pre.device)  # the rows that may hold more than they offered
-    while True:
-        t = vals.flatten().kthvalue(vals.numel() - k * B + 1).values
-        low = vals[full].amin(1)
-        full = full[(low >= t) & (low > 0)]
-        if not len(full) or m == n:
-            break
-        # t can only rise: the other rows stay as they are, their new slots empty
-        m = min(n, 2 * m)
-        v, i = topk(pre[full], m)
-        vals, idx = F.pad(vals, (0, m - vals.shape[1])), F.pad(idx, (0, m - idx.shape[1]))
-        vals[full], idx[full] = v.relu(), i
-    keep = vals > t
-    # ties at t: the lowest row-major indices, until k*B are kept
+    K = min(k * B, pre.numel())
+    v, p = candidates(pre, K)
+    # the K-th largest entry; with fewer than K positive ones, every positive one
+    t = v.kthvalue(len(v) - K + 1).values.clamp_min(0)
+    keep = v > t
+    # ties at t: the lowest row-major positions, until K are kept
     if t > 0:
-        r, c = torch.nonzero(vals == t, as_tuple=True)
-        take = (r * n + idx[r, c]).argsort()[:k * B - int(keep.sum())]
-        keep[r[take], c[take]] = True
-    return vals * keep, idx
+        tie = torch.nonzero(v == t).flatten()
+        keep[tie[p[tie].argsort()[:K - int(keep.sum())]]] = True
+    v, p = v[keep], p[keep]
+    # each kept entry's slot in its row: its place in the list less where its row starts
+    r = p // n
+    count = torch.bincount(r, minlength=B)
+    slot = torch.arange(len(r), device=pre.device) - F.pad(count.cumsum(0), (1, 0))[r]
+    vals = pre.new_zeros(B, max(1, int(count.max())))
+    idx = torch.zeros(vals.shape, dtype=torch.long, device=pre.device)
+    vals[r, slot] = v
+    idx[r, slot] = p % n
+    return vals, idx
 
 # out[idx[b, i]] += g[b, i] * x[b] for all (b, i) where g is not 0, in place: the encoder's weight
 # gradient, (n, B) @ (B, d) with k non-zeros per column, as a CSR sparse product.
