@@ -27,7 +27,7 @@ data = 'wiki'            # 'wiki' (the default corpus), a .txt, a folder of .txt
                          # optional "label": a class per document, for steer.py's probes)
 layer = 15               # hook the output of decoder block `layer` (0-based): SmolLM2's middle
 ctx_len = 128            # tokens per context: documents are cut into pieces of at most this
-max_tokens = 1_000_000   # stop once this many activations are stored (whole contexts only)
+max_tokens = 500_000     # stop once this many activations are stored (whole contexts only)
 exclude_first = True     # drop position 0 of every context: BOS / attention sink (100x the norm)
 batch_size = 32          # contexts per forward pass, per process
 dtype = 'float16'        # stored activations: 'float16' or 'float32'

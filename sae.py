@@ -32,7 +32,7 @@ prefixes = ''            # matryoshka: where the nested prefixes end, e.g. '288,
                          # '': at n/32, n/16, n/8, n/4 and n (Bussmann et al. 2025)
 theta_rate = 0.05        # batchtopk, matryoshka: the weight of each step in theta's running mean
 batch_size = 4096        # activations per step, per process
-max_iters = 1000         # 4.1M activations: 4 passes over the default 1M-token capture
+max_iters = 1000         # 4.1M activations: 8 passes over the default 500k-token capture
 learning_rate = 0.0      # 0: Adam at 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024, section 2.4)
 lr_mult = 4.0            # times that rule: it is fitted to billions of tokens (README)
 warmup_iters = 50        # linear warmup steps
@@ -118,9 +118,8 @@ class TopKSAE(torch.nn.Module):
         if self.arch == 'topk':
             return self.select(pre)
         # every latent above theta (>= 0, so relu is implied), as many as a row has
-        m = max(1, int((pre > self.theta).sum(1).max()))
-        vals, idx = topk(pre, m)
-        return vals * (vals > self.theta), idx
+        r, c = torch.nonzero(pre > self.theta, as_tuple=True)
+        return pack(r, c, pre[r, c], len(pre))
 
     def decode(self, vals, idx, bias=True):
         # the active codes' rows of W_dec, weighted, row by row: never a dense (B, n) matrix, and
@@ -178,7 +177,6 @@ def candidates(x, K, g=8):
 
 # BatchTopK's choice: the k*B largest entries of relu(pre) (B, n) over the whole batch, ties to the
 # lower row-major index, as a flatten-and-stable-sort would take them; never a sort of all B*n.
-# Returns codes (B, m), m the most any row keeps, 0 where a slot keeps nothing.
 def batch_topk(pre, k):
     B, n = pre.shape
     K = min(k * B, pre.numel())
@@ -190,15 +188,18 @@ def batch_topk(pre, k):
     if t > 0:
         tie = torch.nonzero(v == t).flatten()
         keep[tie[p[tie].argsort()[:K - int(keep.sum())]]] = True
-    v, p = v[keep], p[keep]
-    # each kept entry's slot in its row: its place in the list less where its row starts
-    r = p // n
+    return pack(p[keep] // n, p[keep] % n, v[keep], B)
+
+# Codes (B, m) from a list of entries (rows r in order, latents c, values v): each row's entries in
+# its first slots, m the most any row holds, 0 where a slot keeps nothing.
+def pack(r, c, v, B):
     count = torch.bincount(r, minlength=B)
-    slot = torch.arange(len(r), device=pre.device) - F.pad(count.cumsum(0), (1, 0))[r]
-    vals = pre.new_zeros(B, max(1, int(count.max())))
-    idx = torch.zeros(vals.shape, dtype=torch.long, device=pre.device)
+    # an entry's slot: its place in the list less where its row starts
+    slot = torch.arange(len(r), device=r.device) - F.pad(count.cumsum(0), (1, 0))[r]
+    vals = v.new_zeros(B, max(1, int(count.max())))
+    idx = torch.zeros(vals.shape, dtype=torch.long, device=r.device)
     vals[r, slot] = v
-    idx[r, slot] = p % n
+    idx[r, slot] = c
     return vals, idx
 
 # out[idx[b, i]] += g[b, i] * x[b] for all (b, i) where g is not 0, in place: the encoder's weight

@@ -20,7 +20,7 @@ os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.enviro
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sae import configure, pick_device, write_file, check_capture, load_sae, read_rows
+from sae import configure, pick_device, pick_dtype, write_file, check_capture, load_sae, read_rows
 from capture import load_model, blocks, read_docs, contexts, pad, run_to_layer
 
 # -----------------------------------------------------------------------------
@@ -51,13 +51,16 @@ seed = 1337              # the clean and the steered completion sample with the 
 top_latents = 5          # latents shown per token with --prompt
 batch_size = 8           # contexts per forward pass
 device = 'cpu'           # 'cpu', 'cuda' or 'cuda:N'
+dtype = 'auto'           # the model and the encoding of the capture: 'auto' (bfloat16 where
+                         # native, else float32), 'float32' or 'bfloat16'
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # the valid values of each key (sae.configure checks them); latent is checked against the SAE
 rules = {'eval_tokens': 'v >= 1', 'explain': 'v >= 0', 'requests_in_flight': 'v >= 1',
          'timeout': 'v > 0', 'browse_latents': 'v >= 0', 'n_examples': 'v >= 1',
          'latent': 'v >= -1', 'mode': ('add', 'clamp', 'ablate'), 'max_new_tokens': 'v >= 1',
-         'temperature': 'v >= 0', 'seed': 'v >= 0', 'top_latents': 'v >= 1', 'batch_size': 'v >= 1'}
+         'temperature': 'v >= 0', 'seed': 'v >= 0', 'top_latents': 'v >= 1', 'batch_size': 'v >= 1',
+         'dtype': ('auto', 'float32', 'bfloat16')}
 
 # -----------------------------------------------------------------------------
 # hooks
@@ -78,9 +81,11 @@ def attach(block, fn, skip=1):
 # that the splice itself changes nothing).
 def sae_fn(sae, error=False):
     def fn(h):
-        # the SAE works in float32 on (rows, d); the model may run in bf16
-        r = sae(h.reshape(-1, h.shape[-1]).float()).view_as(h).to(h.dtype)
-        return r + (h - r) if error else r
+        # the SAE works in float32 on (rows, d), and so does the error term: in bf16, r + (h - r)
+        # would not give h back
+        x = h.reshape(-1, h.shape[-1]).float()
+        r = sae(x)
+        return (r + (x - r) if error else r).view_as(h).to(h.dtype)
     return fn
 
 # add: h + value * d_i; clamp: h + (value - f_i(h)) * d_i, which keeps the SAE's error term
@@ -90,11 +95,11 @@ def steer_fn(sae, i, value, mode):
 
     def fn(h):
         if mode == 'add':
-            return h + value * d_i
+            return (h + value * d_i).to(h.dtype)
         # f_i(h): latent i's activation, 0 where it is not in the top k
         vals, idx = sae.encode(h.reshape(-1, h.shape[-1]).float())
-        f_i = (vals * (idx == i)).sum(-1).view(*h.shape[:-1], 1).to(h.dtype)
-        return h + ((value if mode == 'clamp' else 0) - f_i) * d_i
+        f_i = (vals * (idx == i)).sum(-1).view(*h.shape[:-1], 1)
+        return (h + ((value if mode == 'clamp' else 0) - f_i) * d_i).to(h.dtype)
     return fn
 
 # -----------------------------------------------------------------------------
@@ -102,15 +107,15 @@ def steer_fn(sae, i, value, mode):
 
 # Next-token CE (nats) clean, with the SAE spliced in, spliced plus its error term, zero- and mean-
 # ablated at the layer; loss recovered and KL(clean || spliced). Only positions >= skip are changed
-# and scored. The blocks below the layer run once per batch: a first forward keeps the layer's
-# output h and what each later block was called with (the mask, the position embeddings), and
-# each mode then reruns only the later blocks, the final norm and the head on its own copy of h.
+# and scored. The blocks below the layer run once per batch: a first forward (the clean one) keeps
+# the layer's output h and what each later block was called with (the mask, the position
+# embeddings), and each other mode reruns only the later blocks on its own copy of h.
 @torch.no_grad()
 def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     batches = [pad(ctxs[j:j + bs], device) for j in range(0, len(ctxs), bs)]
     layers = list(blocks(lm)[1])
     later = layers[layers.index(block) + 1:]
-    calls = []
+    calls, finals = [], []
 
     # the layer's output starts a batch's record; each later block adds its call, less its input
     def keep_h(mod, args, out):
@@ -118,8 +123,11 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
 
     def keep_call(mod, args, kwargs):
         calls[-1].append((mod, args[1:], {k: v for k, v in kwargs.items() if k != 'hidden_states'}))
+    # and the last block's output: the clean mode's, as this forward is the clean model's
     hooks = [block.register_forward_hook(keep_h)]
     hooks += [b.register_forward_pre_hook(keep_call, with_kwargs=True) for b in later]
+    hooks.append(layers[-1].register_forward_hook(lambda m, a, out: finals.append(
+        out[0] if isinstance(out, tuple) else out)))
     t0 = time.time()
     try:
         for j, (ids, mask) in enumerate(batches):
@@ -138,12 +146,12 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     norm, head = final_norm(lm), lm.get_output_embeddings()
     # sums over tokens, divided by the token count at the end
     ce, kl, n, t1 = dict.fromkeys(modes, 0.0), 0.0, 0, time.time()
-    for j, ((ids, mask), (h, *later_calls)) in enumerate(zip(batches, calls)):
+    for j, ((ids, mask), (h, *later_calls), final) in enumerate(zip(batches, calls, finals)):
         # predictions from positions >= skip, of real tokens
         tgt = mask[:, skip + 1:].bool()
         for name, fn in modes.items():
-            x = torch.cat([h[:, :skip], fn(h[:, skip:])], 1)
-            for mod, args, kwargs in later_calls:
+            x = final if name == 'clean' else torch.cat([h[:, :skip], fn(h[:, skip:])], 1)
+            for mod, args, kwargs in later_calls if name != 'clean' else []:
                 x = mod(x, *args, **kwargs)
                 x = x[0] if isinstance(x, tuple) else x
             # the head only where a real token follows
@@ -155,7 +163,7 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
             if name == 'spliced':
                 kl += (clean.exp() * (clean - logp)).sum().item()
         n += int(tgt.sum())
-        progress('evaluate: five modes above the layer', j + 1, len(batches), t1)
+        progress('evaluate: four modes above the layer', j + 1, len(batches), t1)
     r = {f'ce_{m}': v / n for m, v in ce.items()}
     # the share of the CE gap to ablation that the SAE closes (100: as good as the clean model)
     zero, mean_ab = r['ce_zero_ablated'], r['ce_mean_ablated']
@@ -180,27 +188,33 @@ def progress(stage, done, total, t0):
 # -----------------------------------------------------------------------------
 # codes and documents: what probe, explain and the dashboard read
 
-# Every row of the capture through the encoder: its codes (values, latents), (N, m) each, kept in
-# memory with latents as int32 (1M rows at m = 32: 256 MB), the L0, and how many rows lost codes. m
-# is k for topk; a JumpReLU (batchtopk, matryoshka) keeps all that is above theta, which a rare
-# row holds by the hundred: here a row keeps its 4k largest (the L0 counts them all), so that the
-# widest row does not set every row's width.
+# Every row of the capture through the encoder: its firing codes as three flat arrays, a row's
+# codes together, rows in order: values, latents and rows (int32), 384 MB for 1M rows at L0 32,
+# whatever the widest row holds. Returns them and the L0.
 @torch.no_grad()
-def encode_all(sae, acts, chunk=8192):
+def encode_all(sae, acts, dtype=torch.float32, chunk=8192):
     N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
-    m = sae.k if sae.arch == 'topk' else 4 * sae.k
-    vals, idx = torch.zeros(N, m), torch.zeros(N, m, dtype=torch.int32)
-    l0, cut, t0 = 0, 0, time.time()
+    out, t0 = [], time.time()
     # chunks in row order: the file is read once, front to back; the codes go to the CPU
     for s in range(0, N, chunk):
-        v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
-        l0 += (v > 0).sum().item()
-        cut += ((v > 0).sum(1) > m).sum().item()
-        v, j = v.topk(min(v.shape[1], m), dim=1)
-        vals[s:s + len(v), :v.shape[1]] = v.cpu()
-        idx[s:s + len(v), :v.shape[1]] = i.gather(1, j).int().cpu()
+        # the encoder's product in dtype, as sae.py trains it
+        with torch.autocast(dev.type, dtype, enabled=dtype != torch.float32):
+            v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
+        r, j = torch.nonzero(v > 0, as_tuple=True)
+        out.append((v[r, j].float().cpu(), i[r, j].int().cpu(), (r + s).int().cpu()))
         progress('encode the capture', min(N, s + chunk), N, t0)
-    return vals, idx, l0 / N, cut
+    codes = tuple(torch.cat(t) for t in zip(*out))
+    return codes, len(codes[0]) / N
+
+# Latent i on each row of `rows` (consecutive rows of the capture), from the codes as numpy arrays.
+def latent_on(codes, i, rows):
+    vals, idx, row = codes
+    # searched as int32: another dtype would convert the whole array at every call
+    s, e = np.searchsorted(row, np.array([rows[0], rows[-1] + 1], row.dtype))
+    hit = s + np.nonzero(idx[s:e] == i)[0]
+    out = np.zeros(len(rows), np.float32)
+    out[row[hit] - rows[0]] = vals[hit]
+    return out
 
 # The capture's arrays, with each row's document and label (its context's).
 def documents(cap):
@@ -282,16 +296,15 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
 # The probes on the SAE's capture: each document's mean latent activations and mean residual
 # vector (over its stored rows), held-out documents for the test.
 def probe_capture(sae, meta, a, codes, acts):
-    vals, idx = codes
+    vals, idx, row = codes
     # documents renumbered 0..D-1 in order of first appearance
     docs, row_doc = np.unique(a['row_doc'], return_inverse=True)
     D, n, row_doc = len(docs), sae.W_dec.shape[0], torch.from_numpy(row_doc)
     # the stored rows of each document: the divisor of both means
     rows = torch.bincount(row_doc, minlength=D).float()[:, None]
-    # (D, n) latent sums from the k codes of each row (dense: 10k documents x 9216 latents is
-    # 370 MB), then means
-    lat = torch.zeros(D, n).index_put_((row_doc[:, None].expand_as(idx), idx), vals,
-                                       accumulate=True) / rows
+    # (D, n) latent sums from every code (dense: 10k documents x 9216 latents is 370 MB), then
+    # means
+    lat = torch.zeros(D * n).index_add_(0, row_doc[row] * n + idx, vals).view(D, n) / rows
     # the residual stream, summed per document as it streams from disk
     res, t0 = torch.zeros(D, meta['d_model']), time.time()
     for s in range(0, meta['N'], 65536):
@@ -372,11 +385,9 @@ def explanation(answer, snippets):
 
 # How many contexts each latent fires in, on the explain side and on the score side (n,) each.
 def context_counts(codes, a, n):
-    vals, idx = codes
-    # the row of each firing code (a code whose value ReLU zeroed did not fire)
-    rows = torch.arange(len(idx))[:, None].expand_as(idx)[vals > 0].numpy()
+    _, idx, row = (t.numpy() for t in codes)
     # each (context, latent) pair once, then split by its context's document
-    pairs = np.unique(a['ctx'][rows].astype(np.int64) * n + idx[vals > 0].numpy())
+    pairs = np.unique(a['ctx'][row].astype(np.int64) * n + idx)
     ctx, lat = pairs // n, pairs % n
     ho = held_out(a['doc'][ctx])
     return np.bincount(lat[~ho], minlength=n), np.bincount(lat[ho], minlength=n)
@@ -404,15 +415,15 @@ def show(rows, tok, a, acts=None, mark=math.inf):
 # ones (2 positives per decile; 10 negatives from documents of the latent's topic and 10 random,
 # each a window where the latent is 0 on every token), and the token baseline.
 def examples(i, codes, a, tok, rng, names):
-    vals, idx = codes
+    codes = tuple(t.numpy() for t in codes)
 
-    # the latent on every row of a set of rows
+    # the latent on every row of a run of rows
     def on(rows):
-        return (vals[rows] * (idx[rows] == i)).sum(1).numpy()
+        return latent_on(codes, i, rows)
 
     # each context's peak, then the peaks largest first, on each side of the document split
-    r, j = torch.nonzero((idx == i) & (vals > 0), as_tuple=True)
-    r, v = r.numpy(), vals[r, j].numpy()
+    hit = np.nonzero(codes[1] == i)[0]
+    r, v = codes[2][hit], codes[0][hit]
     o = np.lexsort((-v, a['ctx'][r]))
     keep = np.r_[True, np.diff(a['ctx'][r[o]]) != 0]
     r, v = r[o][keep], v[o][keep]
@@ -745,47 +756,43 @@ BEFORE, AFTER = 8, 3
 # a latent's activation histogram: log2 bins, 4 per octave from 2^-10 (the last takes the rest)
 N_BINS = 96
 
-# Per latent, from every row's codes: how many rows it fires on, a histogram of those
-# activations, and two lists of its codes (flat indices into the (N, k) codes, a row's codes
-# together): its E largest activations, and a uniform sample of R (the R largest of a random key
-# per code: a bottom-k sketch), each largest key first, ties in row order.
+# Per latent, from the codes: how many rows it fires on, a histogram of those activations, and two
+# lists of its codes (indices into the flat codes): its E largest activations, and a uniform sample
+# of R (the R largest of a random key per code: a bottom-k sketch), each largest key first, ties in
+# row order.
 @torch.no_grad()
 def scan(codes, n, E, R):
-    vals, idx = codes
-    v, lat = vals.flatten(), idx.flatten()
-    # top-k keeps k entries per row, but ReLU may have zeroed some: those did not fire
-    fired = torch.nonzero(v > 0).flatten()
-    # how many rows each latent fires on (one entry per row: top-k picks a latent once)
-    count = torch.bincount(lat[fired], minlength=n)
+    v, lat = codes[0], codes[1].long()
+    # how many rows each latent fires on (a row holds a latent once)
+    count = torch.bincount(lat, minlength=n)
     # log2 bins, 4 per octave from 2^-10; anything smaller goes in the first bin
-    bins = ((v[fired].log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
-    hist = torch.bincount(lat[fired] * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
-    # the sample's keys from a fixed seed, one per firing code (not per slot: a JumpReLU's codes
-    # are mostly empty slots): the same capture gives the same page
-    rand = torch.rand(len(fired), generator=torch.Generator().manual_seed(0))
+    bins = ((v.log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
+    hist = torch.bincount(lat * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
+    del bins
+    # the sample's keys from a fixed seed: the same capture gives the same page
+    rand = torch.rand(len(v), generator=torch.Generator().manual_seed(0))
     # sorted by latent, each latent's codes are one segment: where each starts and ends
     ends = count.cumsum(0).tolist()
     sets = []
-    for key, m in ((v[fired], E), (rand, R)):
+    for key, m in ((v, E), (rand, R)):
         # by key first, then stably by latent: the key order holds within each segment
-        o = fired[key.argsort(descending=True, stable=True)]
+        o = key.argsort(descending=True, stable=True)
         o = o[lat[o].argsort(stable=True)]
         sets.append([o[e - c:e - c + min(c, m)] for e, c in zip(ends, count.tolist())])
     return count, hist, sets
 
-# The example of code c (its row r = c // k) for latent i, from the codes as numpy arrays: the
-# window of rows around r within its context (with the context's token 0 when the capture did not
-# store it), as token ids, the latent's activations, the firing token's place and its value.
+# The example of code c (on row r) for latent i, from the codes as numpy arrays: the window of rows
+# around r within its context (with the context's token 0 when the capture did not store it), as
+# token ids, the latent's activations, the firing token's place and its value.
 def example(c, i, codes, a):
-    vals, idx = codes
-    r = c // idx.shape[1]
+    r = int(codes[2][c])
     rows = window(r, a, BEFORE, AFTER)
-    ids, acts = a['tokens'][rows].tolist(), (vals[rows] * (idx[rows] == i)).sum(1).tolist()
+    ids, acts = a['tokens'][rows].tolist(), latent_on(codes, i, rows).tolist()
     at = r - int(rows[0])
     # the window reaches the start of a context whose token 0 is not a row
     if a['pos'][rows[0]] == 1:
         ids, acts, at = [int(a['first'][a['ctx'][r]])] + ids, [0.0] + acts, at + 1
-    return {'tokens': ids, 'acts': acts, 'at': at, 'value': vals.reshape(-1)[c].item()}
+    return {'tokens': ids, 'acts': acts, 'at': at, 'value': codes[0][c].item()}
 
 # Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
 # it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
@@ -793,7 +800,8 @@ def logit_effects(lm, sae, live):
     norm = final_norm(lm)
     up, down = [], []
     for j in range(0, len(live), 512):
-        logits = lm.get_output_embeddings()(norm(sae.W_dec[live[j:j + 512]][None]))[0]
+        d = sae.W_dec[live[j:j + 512]][None].to(lm.dtype)
+        logits = lm.get_output_embeddings()(norm(d))[0]
         up += logits.topk(8, -1).indices.tolist()
         down += (-logits).topk(8, -1).indices.tolist()
     return up, down
@@ -1002,7 +1010,9 @@ if __name__ == '__main__':
                          f"0..{n - 1}, e.g. --latents=3,17,42")
     which = [int(s) for s in which]
     # the model by the name stored in the SAE (an HF id, a local folder or a GGUF file)
-    lm, tok = load_model(info['model'], device)
+    dt, why = pick_dtype(dtype, device)
+    print(f"the model and the encoder's products in {str(dt)[6:]} ({why}; --dtype= to choose)")
+    lm, tok = load_model(info['model'], device, dt)
     if lm.config.hidden_size != d:
         raise SystemExit(f"the SAE's d_model {d} does not match {info['model']}'s "
                          f"{lm.config.hidden_size}: pass the SAE trained on it")
@@ -1042,14 +1052,13 @@ if __name__ == '__main__':
                              f".jsonl whose lines carry a \"label\" (a class per document), or "
                              f"the default --data=wiki (topics)")
         t0 = time.time()
-        # 1-2 minutes for the default 1M rows on 2 cores; 256 MB of codes (topk), 1 GB (the others)
-        *codes, l0, cut = encode_all(sae, acts)
+        # 1-2 minutes for the default 1M rows on 2 cores
+        codes, l0 = encode_all(sae, acts, dt)
         a = documents(cap)
         # L0 at inference: batchtopk and matryoshka keep what is above theta, not exactly k
         l0 = {'l0_inference': round(l0, 2)}
-        print(f"encoded {len(codes[0])} rows of the capture in {time.time() - t0:.0f}s: L0 "
-              f"{l0['l0_inference']}; {cut} rows had more than {codes[0].shape[1]} active latents "
-              f"and keep their largest")
+        print(f"encoded {meta['N']} rows of the capture in {time.time() - t0:.0f}s: L0 "
+              f"{l0['l0_inference']}, {len(codes[0])} codes")
 
     # -------------------------------------------------------------------------
     # probe: a capture too small for any class (a few thousand tokens) has nothing to report
@@ -1087,12 +1096,8 @@ if __name__ == '__main__':
                        False)
             workers = requests_in_flight
         else:
-            # another model in bf16 where the CPU multiplies bf16 natively (AMX, AVX-512 BF16)
-            flags = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
-            bf16 = device != 'cpu' or ' amx_bf16' in flags or ' avx512_bf16' in flags
-            # the SAE's own model is loaded already
-            xlm, xtok = (lm, tok) if name == info['model'] else \
-                load_model(name, device, torch.bfloat16 if bf16 else torch.float32)
+            # the SAE's own model is loaded already; another one in the same dtype
+            xlm, xtok = (lm, tok) if name == info['model'] else load_model(name, device, dt)
             # one call at a time: a forward pass already uses every core
             backend = (*local_backend(name, xlm, xtok, cache, log, batch_size), True)
             workers = 1

@@ -1068,6 +1068,18 @@ def test_steering_hooks(tiny, trained):
     assert len(steps) == 3
     assert all(torch.allclose(post - pre, 3.0 * sae.W_dec[i].detach()) for pre, post in steps)
 
+def test_loss_recovered_in_bf16(tiny, trained):
+    """The evaluation with the model in bf16 (steer.py's --dtype=auto where bf16 is native): the
+    error term still gives the clean CE back (it is added in float32), and every CE is within
+    0.02 nats of the float32 evaluation's."""
+    lm, sae = load_lm(tiny['model']), load_sae(trained)[0]
+    ctxs = [np.array(tiny['tok'](d).input_ids[:32], np.int32) for d in tiny['docs'][:12]]
+    r32 = evaluate_lm(lm, blocks(lm)[1][1], sae, ctxs, 1, 4, 'cpu')
+    lm.to(torch.bfloat16)
+    r16 = evaluate_lm(lm, blocks(lm)[1][1], sae, ctxs, 1, 4, 'cpu')
+    assert abs(r16['ce_spliced+error'] - r16['ce_clean']) < 1e-4
+    assert all(abs(r16[k] - r32[k]) < 0.02 for k in r32 if k.startswith('ce_'))
+
 def test_loss_recovered(tiny, trained):
     """With the error term added back the CE is the clean CE (to float error); the SAE changes the
     output distribution (KL > 0) and closes most of the gap to zero-ablation, by its formula; the
@@ -1097,7 +1109,8 @@ def encoded_capture(sae, cap):
     """The capture through the SAE, computed here: (N, n) activations and the token of each row."""
     N = json.load(open(os.path.join(cap, 'meta.json')))['N']
     vals, idx = sae.encode(read_rows(os.path.join(cap, 'acts.npy'), np.arange(N)))
-    z = torch.zeros(N, sae.W_dec.shape[0]).scatter_(1, idx, vals)
+    # added, not written: a row's empty slots (value 0) may all name latent 0
+    z = torch.zeros(N, sae.W_dec.shape[0]).scatter_add_(1, idx, vals.detach())
     return z, np.load(os.path.join(cap, 'tokens.npy'))
 
 @pytest.mark.parametrize('arch', ['batchtopk', 'matryoshka'])
@@ -1109,7 +1122,9 @@ def test_steer_works_with_every_arch(tiny, labelled, arch, tmp_path):
     out = tmp_path / arch
     run('sae.py', f'--data_dir={labelled["cap"]}', f'--out_dir={out}', *SAE_ARGS, f'--arch={arch}')
     sae = load_sae(str(out))[0]
-    run('steer.py', f'--sae_path={out}', f'--data={tiny["corpus"]}', '--eval_tokens=500')
+    # float32: the truth below encodes in float32
+    run('steer.py', f'--sae_path={out}', f'--data={tiny["corpus"]}', '--eval_tokens=500',
+        '--dtype=float32')
     ev = json.load(open(out / 'eval.json'))
     z = encoded_capture(sae, labelled['cap'])[0]
     assert ev['l0_inference'] == round((z > 0).sum().item() / len(z), 2) != sae.k
@@ -1132,7 +1147,7 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
     scan behind it against the dense codes: counts, the E largest values per latent, each one's
     row and window (ties among equal values may keep any of their rows: each kept row is
     checked, not which)."""
-    run('steer.py', f'--sae_path={trained}', '--browse=True', '--n_examples=3')
+    run('steer.py', f'--sae_path={trained}', '--browse=True', '--n_examples=3', '--dtype=float32')
     sae = load_sae(trained)[0]
     z, tokens = encoded_capture(sae, tiny['cap'])
     data = json.load(open(os.path.join(trained, 'browser.json')))
@@ -1147,18 +1162,18 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
         assert [ex[3] for ex in l['top']] == sorted([ex[3] for ex in l['top']], reverse=True)
         q = [ex[3] for group in l['quant'] for ex in group]
         assert q == sorted(q) and len(q) == min(10, l['count'])
-    codes = steer.encode_all(sae, os.path.join(tiny['cap'], 'acts.npy'))[:2]
+    codes = steer.encode_all(sae, os.path.join(tiny['cap'], 'acts.npy'))[0]
     a = steer.documents(tiny['cap'])
     count, hist, (top, _) = steer.scan(codes, 256, 3, 10)
     assert torch.equal(count, (z > 0).sum(0)) and torch.equal(hist.sum(1), count)
     want = z.topk(3, dim=0).values.T
     for i in range(256):
-        rows = top[i] // 8
+        rows = codes[2][top[i]].long()
         assert torch.equal(z[rows, i], want[i][want[i] > 0])
-        assert (codes[1].view(-1)[top[i]] == i).all()
+        assert (codes[1][top[i]] == i).all()
         # each example's window: the rows around it in its context, with the latent on each
         for c in top[i].tolist():
-            e, r = steer.example(c, i, [t.numpy() for t in codes], a), c // 8
+            e, r = steer.example(c, i, [t.numpy() for t in codes], a), int(codes[2][c])
             win = [s for s in range(r - 8, r + 4)
                    if 0 <= s < len(z) and a['ctx'][s] == a['ctx'][r]]
             assert e['acts'][-len(win):] == z[win, i].tolist() and e['value'] == z[r, i].item()
@@ -1183,7 +1198,7 @@ def test_dashboard_in_a_real_browser(tiny, trained, tmp_path):
     in the list; #N shows latent N's card, whose top example marks the token and value of the row
     where N is largest and whose histogram bars add up to N's nonzero activations; ?sort=density
     puts the densest latent first."""
-    run('steer.py', f'--sae_path={trained}', '--browse=True')
+    run('steer.py', f'--sae_path={trained}', '--browse=True', '--dtype=float32')
     z, tokens = encoded_capture(load_sae(trained)[0], tiny['cap'])
     counts = (z > 0).sum(0)
     page = 'file://' + os.path.join(trained, 'browser.html')
@@ -1275,9 +1290,11 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
     documents are disjoint, and those of the score set are all held out."""
     sae, info = planted(labelled, tmp_path)
     tok, cap = tiny['tok'], info['data_dir']
-    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[:2], steer.documents(cap), \
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[0], steer.documents(cap), \
         check_capture(cap)
-    assert (codes[1][:, 0].numpy() == a['tokens']).all()
+    # one code per row, on the row's token
+    assert (codes[1].numpy() == a['tokens']).all()
+    assert (codes[2].numpy() == np.arange(len(a['tokens']))).all()
 
     def chat(messages, max_tokens):
         marked = Counter(re.findall(r'<<(.+?)>>', messages[-1]['content']))
@@ -1306,7 +1323,7 @@ def test_a_prior_for_yes_does_not_hide_a_good_explanation(tiny, labelled, tmp_pa
     the median P(yes), give the planted explanation 1.0 and the random control about 0.5."""
     sae, info = planted(labelled, tmp_path)
     tok, cap = tiny['tok'], info['data_dir']
-    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[:2], steer.documents(cap), \
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[0], steer.documents(cap), \
         check_capture(cap)
 
     def chat(messages, max_tokens):
@@ -1340,7 +1357,7 @@ def test_an_answer_that_repeats_the_prompt_or_copies_a_text_is_no_explanation(ti
     assert last.index('<<sea>>') < last.index('What do the marked tokens have in common?')
     sae, info = planted(labelled, tmp_path)
     tok, cap = tiny['tok'], info['data_dir']
-    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[:2], steer.documents(cap), \
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy')[0], steer.documents(cap), \
         check_capture(cap)
     k, o, e = tok.convert_tokens_to_ids(['k', 'o', 'e'])
 
