@@ -809,7 +809,7 @@ if __name__ == '__main__':
     pool = ThreadPoolExecutor(1)
     nxt = pool.submit(read_rows, acts, batch_rows(it))
     t0 = t_log = time.time()
-    it_log = it
+    it_log = it0 = it
     while it < max_iters:
         # the batch read in the background, scaled so that E||s x||^2 = d
         x = nxt.result().to(device) * scale
@@ -825,8 +825,9 @@ if __name__ == '__main__':
             dead_pct = 100 * (since_fired >= dead_tokens).float().mean().item()
             row = {'iter': it, 'tokens': it * gb, 'fvu': fvu, 'aux': aux, 'l0': l0,
                    'dead_pct': dead_pct, 'lr': lr_at(it - 1), 'acts_per_s': rate}
+            eta = (time.time() - t0) / (it - it0) * (max_iters - it)
             log(' | '.join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
-                           for key, v in row.items()), flush=True)
+                           for key, v in row.items()) + f" | ETA {eta:.0f}s", flush=True)
             if rank == 0:
                 record(row)
                 if wandb_log:
