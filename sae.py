@@ -428,20 +428,18 @@ def init_from_data(sae, x):
 def save_sae(sae, scale, path, info):
     # pre(s x) = s ((x - b_dec / s) W_enc + b_enc / s): dividing both biases by s gives pre / s,
     # and theta, a value of pre, is divided too
+    info = {**info, 'k': sae.k, 'scale': scale, 'arch': sae.arch, 'ends': sae.ends,
+            'theta': (sae.theta / scale).item(), 'max_norm': (sae.max_norm / scale).item()}
     t = {'W_enc': sae.W_enc, 'b_enc': sae.b_enc / scale, 'W_dec': sae.W_dec,
          'b_dec': sae.b_dec / scale}
     jump = sae.arch != 'topk'
     if jump:
-        t['threshold'] = (sae.theta / scale).expand(len(sae.W_dec))
+        t['threshold'] = torch.full((len(sae.W_dec),), info['theta'])
     t = {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
-    theta = (sae.theta / scale).item()
-    max_norm = (sae.max_norm / scale).item()
-    info = {**info, 'k': sae.k, 'scale': scale, 'arch': sae.arch, 'theta': theta,
-            'ends': sae.ends, 'max_norm': max_norm}
-    meta = {'k': str(sae.k), 'scale': repr(scale), 'layer': str(info['layer']),
-            'model': info['model'], 'arch': sae.arch, 'theta': repr(theta),
-            'ends': ','.join(map(str, sae.ends)), 'max_norm': repr(max_norm),
-            'nanosae': json.dumps(info)}
+    # safetensors metadata is str -> str: the numbers a reader looks for first, then all as JSON
+    meta = {key: str(info[key]) for key in ('k', 'scale', 'layer', 'model', 'arch', 'theta',
+                                            'ends', 'max_norm')}
+    meta['nanosae'] = json.dumps(info)
     cfg = {'architecture': 'jumprelu' if jump else 'topk', 'd_in': t['W_dec'].shape[1],
            'd_sae': t['W_dec'].shape[0], 'dtype': 'float32', 'device': 'cpu',
            'apply_b_dec_to_input': True, 'normalize_activations': 'none',
