@@ -173,7 +173,8 @@ def candidates(x, K, g=8):
     # the g entries of each such column, by their place in x
     p = ((p // s * n + p % s)[:, None] + torch.arange(0, n, s, device=x.device)).flatten()
     v = x.flatten()[p]
-    return v[v >= t], p[v >= t]
+    keep = v >= t
+    return v[keep], p[keep]
 
 # BatchTopK's choice: the k*B largest entries of relu(pre) (B, n) over the whole batch, ties to the
 # lower row-major index, as a flatten-and-stable-sort would take them; never a sort of all B*n.
