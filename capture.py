@@ -243,13 +243,14 @@ if __name__ == '__main__':
     # model and corpus, cut into contexts
     # the corpus first: a bad --data fails before the slower model load
     fwd, why = pick_dtype(compute_dtype, device)
-    print(f"forward pass in {str(fwd)[6:]} ({why}; --compute_dtype= to choose)")
     (docs, labels), (lm, tok) = read_docs(data), load_model(model, device, fwd)
     n_layers, n_pos = lm.config.num_hidden_layers, getattr(lm.config, 'max_position_embeddings', 0)
     if not 0 <= layer < n_layers:
         raise SystemExit(f"--layer={layer} is out of range: {model} has blocks 0..{n_layers - 1}")
     if not 2 <= ctx_len <= (n_pos or ctx_len):
         raise SystemExit(f"--ctx_len={ctx_len}: valid is 2..{n_pos} for {model}")
+    # said once the arguments hold: a mistake stays one line
+    print(f"forward pass in {str(fwd)[6:]} ({why}; --compute_dtype= to choose)")
     # skip: how many leading positions of each context are not stored
     (path, blist), skip = blocks(lm), int(exclude_first)
     ctxs, doc = contexts(tok, docs, ctx_len, max_tokens, skip)

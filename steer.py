@@ -1016,11 +1016,11 @@ if __name__ == '__main__':
     which = [int(s) for s in which]
     # the model by the name stored in the SAE (an HF id, a local folder or a GGUF file)
     dt, why = pick_dtype(dtype, device)
-    print(f"the model and the encoder's products in {str(dt)[6:]} ({why}; --dtype= to choose)")
     lm, tok = load_model(info['model'], device, dt)
     if lm.config.hidden_size != d:
         raise SystemExit(f"the SAE's d_model {d} does not match {info['model']}'s "
                          f"{lm.config.hidden_size}: pass the SAE trained on it")
+    print(f"the model and the encoder's products in {str(dt)[6:]} ({why}; --dtype= to choose)")
     # the block whose output the SAE reads and, when steering, writes
     block = blocks(lm)[1][info['layer']]
     # the positions the capture excluded are never changed nor scored
