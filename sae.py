@@ -73,7 +73,7 @@ class TopKSAE(torch.nn.Module):
       matryoshka  batchtopk's, and the loss asks each prefix of the latent list to reconstruct x
                   alone (Bussmann et al. 2025)
     and at inference, where there is no batch: topk as in training; the other two keep relu(pre)
-    where pre > theta (a JumpReLU), theta estimated while training (update_theta)
+    where pre > theta (a JumpReLU), theta estimated while training (train_step)
     recon = sum_j vals_j * W_dec[idx_j] + b_dec        W_dec (n, d): one unit-norm row per latent
     Codes are (vals, idx), (B, m) each, vals 0 where a slot is not active. encode below is what
     evaluation and steering use; training computes the same selection on a fast path
@@ -118,8 +118,7 @@ class TopKSAE(torch.nn.Module):
         if self.arch == 'topk':
             return self.select(pre)
         # every latent above theta (>= 0, so relu is implied), as many as a row has
-        r, c = torch.nonzero(pre > self.theta, as_tuple=True)
-        return pack(r, c, pre[r, c], len(pre))
+        return pack(pre, *torch.nonzero(pre > self.theta, as_tuple=True))
 
     def decode(self, vals, idx, bias=True):
         # the active codes' rows of W_dec, weighted, row by row: never a dense (B, n) matrix, and
@@ -129,11 +128,6 @@ class TopKSAE(torch.nn.Module):
         out = F.embedding_bag(idx[keep], self.W_dec, offsets, per_sample_weights=vals[keep],
                               mode='sum')
         return out + self.b_dec if bias else out
-
-    # matryoshka: each latent's group, p for latents ends[p - 1] .. ends[p] - 1; prefix p, whose
-    # reconstruction the loss scores too, is groups 0..p
-    def group(self, idx):
-        return torch.bucketize(idx, torch.tensor(self.ends, device=idx.device), right=True)
 
     def forward(self, x):
         return torch.where(x.norm(dim=1, keepdim=True) <= self.max_norm,
@@ -189,17 +183,18 @@ def batch_topk(pre, k):
     if t > 0:
         tie = torch.nonzero(v == t).flatten()
         keep[tie[p[tie].argsort()[:K - int(keep.sum())]]] = True
-    return pack(p[keep] // n, p[keep] % n, v[keep], B)
+    p = p[keep]
+    return pack(pre, p // n, p % n)
 
-# Codes (B, m) from a list of entries (rows r in order, latents c, values v): each row's entries in
-# its first slots, m the most any row holds, 0 where a slot keeps nothing.
-def pack(r, c, v, B):
-    count = torch.bincount(r, minlength=B)
+# Codes (B, m) of the entries (r, c) of pre (B, n), rows r in order: each row's entries in its first
+# slots, m the most any row holds, 0 where a slot keeps nothing.
+def pack(pre, r, c):
     # an entry's slot: its place in the list less where its row starts
-    slot = torch.arange(len(r), device=r.device) - F.pad(count.cumsum(0), (1, 0))[r]
-    vals = v.new_zeros(B, max(1, int(count.max())))
-    idx = torch.zeros(vals.shape, dtype=torch.long, device=r.device)
-    vals[r, slot] = v
+    slot = torch.arange(len(r), device=r.device) - torch.searchsorted(r, r)
+    # m = the largest slot + 1, and 1 when nothing is kept
+    vals = pre.new_zeros(len(pre), int(F.pad(slot, (1, 0)).max()) + 1)
+    idx = torch.zeros_like(vals, dtype=torch.long)
+    vals[r, slot] = pre[r, c]
     idx[r, slot] = c
     return vals, idx
 
@@ -280,39 +275,23 @@ def losses(sae, x, dead, k_aux):
     k_aux = min(k_aux, int(dead.sum()))
     vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.select, dead, k_aux)
     var = global_var(x)
-    # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model
-    if sae.arch == 'matryoshka':
-        # the residual of each prefix in turn, from the one selection (a prefix never re-selects:
-        # Bussmann et al. 2025, section 3; SAELens first re-ran the top-k per prefix, another
-        # model): x - b_dec, less one group's part at a time
-        group = sae.group(idx)
-        e, loss = x - sae.b_dec, 0
-        for p in range(len(sae.ends)):
-            e = e - sae.decode(vals * (group == p), idx, bias=False)
-            loss = loss + e.pow(2).sum() / var
-        recon = x - e
-        fvu = e.detach().pow(2).sum() / var
-    else:
-        recon = sae.decode(vals, idx)
-        loss = fvu = (x - recon).pow(2).sum() / var
+    # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model. The
+    # residual e is x less one group of latents (lo..end - 1) at a time, b_dec with the first: topk
+    # and batchtopk have one group, all latents; matryoshka's prefixes end where its groups do, and
+    # each prefix's FVU is in the loss, all from the one selection (a prefix never selects again:
+    # Bussmann et al. 2025, section 3; SAELens first did, another model)
+    e, loss = x, 0
+    for lo, end in zip([0] + sae.ends, sae.ends):
+        e = e - sae.decode(vals * ((idx >= lo) & (idx < end)), idx, bias=lo == 0)
+        fvu = e.pow(2).sum() / var
+        loss = loss + fvu
     aux = torch.zeros((), device=x.device)
     # dead latents regress what the live ones missed (the whole reconstruction's residual): no
     # b_dec (the residual has none; with it, AuxK would fit b_dec), residual detached
     if k_aux:
-        e = (x - recon).detach()
+        e = e.detach()
         aux = (e - sae.decode(avals, aidx, bias=False)).pow(2).sum() / global_var(e)
     return loss, aux, fvu, vals, idx
-
-# theta, the threshold that batchtopk and matryoshka encode with at inference: a running average
-# of the smallest value each step keeps (dictionary_learning's estimator; its mean over ranks),
-# weight `rate` per step, starting at the first step's value rather than at 0.
-@torch.no_grad()
-def update_theta(sae, vals, rate):
-    low = vals.masked_fill(vals <= 0, math.inf).min().float().view(1)
-    if dist.is_initialized():
-        dist.all_reduce(low)
-        low /= dist.get_world_size()
-    sae.theta += (rate if sae.theta > 0 else 1.0) * (low[0] - sae.theta)
 
 # Count, in tokens, how long since each latent last fired (in any rank's share of the batch): in
 # tokens, not steps, so the dead set does not depend on the batch size (OAI counts steps).
@@ -342,8 +321,9 @@ def train_step(sae, opt, x, since_fired, lr, cfg):
         loss, aux, fvu, vals, idx = losses(sae, x, dead, cfg['k_aux'] or len(x[0]) // 2)
     opt.zero_grad(set_to_none=True)
     (loss + cfg['auxk_coef'] * aux).backward()
-    # fvu, aux and l0 in one tensor: one all_reduce instead of three
-    stats = torch.stack([fvu.detach(), aux.detach(), (vals > 0).sum() / len(x)])
+    # fvu, aux, l0 and the smallest value kept in one tensor: one all_reduce instead of four
+    low = vals.detach().masked_fill(vals <= 0, math.inf).min()
+    stats = torch.stack([fvu.detach(), aux.detach(), (vals > 0).sum() / len(x), low])
     world = dist.get_world_size() if dist.is_initialized() else 1
     # each rank's loss is its part of the global sum: summing gradients gives the global gradient
     if world > 1:
@@ -363,8 +343,11 @@ def train_step(sae, opt, x, since_fired, lr, cfg):
     # be unit norm for latent values to be comparable
     W /= W.norm(dim=1, keepdim=True)
     update_dead(since_fired, vals, idx, len(x) * world)
+    # theta, the threshold that batchtopk and matryoshka encode with at inference: a running mean
+    # of the smallest value each step keeps (dictionary_learning's estimator; its mean over
+    # ranks), weight theta_rate per step, starting at the first step's value rather than at 0
     if sae.arch != 'topk':
-        update_theta(sae, vals, cfg['theta_rate'])
+        sae.theta += (cfg['theta_rate'] if sae.theta > 0 else 1) * (stats[3] / world - sae.theta)
     return stats[0].item(), stats[1].item(), stats[2].item() / world
 # Rows idx (sorted) of a capture's acts.npy as float32, read with pread, one call per run of
 # consecutive rows. Not through a memory map: each row faulted in there maps its neighbours too,
@@ -473,9 +456,9 @@ def load_sae(path, device='cpu'):
                       info.get('arch', 'topk'), info.get('ends', ()))
         # back to the training layout; load_state_dict checks each shape
         t['enc'] = torch.cat([t.pop('W_enc').T, t.pop('b_enc')[:, None]], 1)
-        t['theta'] = torch.tensor(float(info.get('theta', 0.0)))
+        # theta: every latent's threshold (a topk SAE has none: 0)
+        t['theta'] = t.pop('threshold', torch.zeros(1))[0]
         t['max_norm'] = torch.tensor(float(info.get('max_norm', math.inf)))
-        t.pop('threshold', None)
         sae.load_state_dict(t)
     except Exception as e:
         raise SystemExit(f"'{f}' is not a whole nanoSAE file ({type(e).__name__}: "
@@ -695,12 +678,11 @@ if __name__ == '__main__':
         raise SystemExit(f"--k={k}: valid is 1..{n} (n_latents)")
     # matryoshka's prefixes: increasing latent counts, the last one all n latents
     ends = sorted({max(1, n // f) for f in (32, 16, 8, 4, 1)})
-    example = ','.join(map(str, ends))
     if prefixes:
         ends = [int(p) if p.strip().isdigit() else 0 for p in prefixes.split(',')]
-    if ends[0] < 1 or ends[-1] != n or any(a >= b for a, b in zip(ends, ends[1:])):
+    if ends != sorted(set(ends)) or ends[0] < 1 or ends[-1] != n:
         raise SystemExit(f"--prefixes={prefixes}: valid is increasing latent counts that end at "
-                         f"n_latents={n}, e.g. --prefixes={example}")
+                         f"n_latents={n}, e.g. --prefixes={n // 4},{n}")
     # the encoder's product in bf16 where the hardware has it (autocast): said once, in the log
     dt, why = pick_dtype(dtype, device)
     config['dtype'] = str(dt)[6:]

@@ -195,7 +195,7 @@ def progress(stage, done, total, t0):
 
 # Every row of the capture through the encoder: its firing codes as three flat arrays, a row's
 # codes together, rows in order: values, latents and rows (int32), 384 MB for 1M rows at L0 32,
-# whatever the widest row holds. Returns them and the L0.
+# whatever the widest row holds.
 @torch.no_grad()
 def encode_all(sae, acts, dtype=torch.float32, chunk=8192):
     N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
@@ -208,8 +208,7 @@ def encode_all(sae, acts, dtype=torch.float32, chunk=8192):
         r, j = torch.nonzero(v > 0, as_tuple=True)
         out.append((v[r, j].float().cpu(), i[r, j].int().cpu(), (r + s).int().cpu()))
         progress('encode the capture', min(N, s + chunk), N, t0)
-    codes = tuple(torch.cat(t) for t in zip(*out))
-    return codes, len(codes[0]) / N
+    return tuple(torch.cat(t) for t in zip(*out))
 
 # Latent i on each row of `rows` (consecutive rows of the capture), from the codes as numpy arrays.
 def latent_on(codes, i, rows):
@@ -844,8 +843,6 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
                 round(e['value'], 3)]
     # steer.py --explain's explanations and scores, when there are some
     interp = read_json(os.path.join(folder, 'interp.json'), {'latents': {}, 'summary': {}})
-    # matryoshka: each latent's group, so the smallest prefix that holds it
-    group = sae.group(torch.tensor(live)).tolist() if sae.arch == 'matryoshka' else [None] * n
     cards = []
     for j, i in enumerate(live):
         big = ex['top', i][0]['value']
@@ -858,8 +855,7 @@ def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
                       'top': [pack(e, big) for e in ex['top', i]],
                       'quant': [[pack(e, big) for e in s[q * len(s) // Q:(q + 1) * len(s) // Q]]
                                 for q in range(Q)],
-                      'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]],
-                      'group': group[j]})
+                      'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]]})
         # the explanation and the detection scores: the LLM's, then the two controls'
         e = interp['latents'].get(str(i))
         # the headline score of each: AUROC where the scorer gave P(yes), else balanced accuracy
@@ -951,9 +947,11 @@ function drawCard(i) {
   const l = byId.get(i), edge = b => (2 ** (b / 4 - 10)).toPrecision(2)
   jump.value = i
   if (!l) return card.innerHTML = `<h2>latent ${i}</h2>dead or absent: it never fired`
-  // matryoshka: the latent's group, and so the smallest prefix that holds it
-  const group = l.group == null ? '' : `<p class="group">matryoshka group ${l.group}: latents ` +
-    `${l.group ? D.ends[l.group - 1] : 0}..${D.ends[l.group] - 1}</p>`
+  // matryoshka: the latent's group g, latents ends[g - 1]..ends[g] - 1, and so the smallest
+  // prefix that holds it (prefix g is groups 0..g)
+  const g = D.ends.findIndex(e => i < e), group = D.arch != 'matryoshka' ? '' :
+    `<p class="group">matryoshka group ${g}: latents ${g ? D.ends[g - 1] : 0}..${D.ends[g] - 1}` +
+    '</p>'
   card.innerHTML = `<h2 data-latent="${i}">latent ${i}</h2><p>density ${(100 * l.density)
     .toPrecision(3)}% (${l.count} activations), max ${l.max}</p>` + group +
     (l.explanation == null ? ''
@@ -1058,10 +1056,10 @@ if __name__ == '__main__':
                              f"the default --data=wiki (topics)")
         t0 = time.time()
         # 25 s for the default 500k rows on 2 cores (bf16)
-        codes, l0 = encode_all(sae, acts, dt)
+        codes = encode_all(sae, acts, dt)
         a = documents(cap)
         # L0 at inference: batchtopk and matryoshka keep what is above theta, not exactly k
-        l0 = {'l0_inference': round(l0, 2)}
+        l0 = {'l0_inference': round(len(codes[0]) / meta['N'], 2)}
         print(f"encoded {meta['N']} rows of the capture in {time.time() - t0:.0f}s: L0 "
               f"{l0['l0_inference']}, {len(codes[0])} codes")
 
