@@ -83,8 +83,9 @@ class TopKSAE(torch.nn.Module):
         super().__init__()
         self.k = k
         self.arch = arch
-        # matryoshka: where each nested prefix of the latent list ends (the last one at n)
-        self.ends = list(ends) or [n]
+        # matryoshka: where each nested prefix of the latent list ends (the last one at n); the
+        # others have one prefix, all latents
+        self.ends = list(ends) if arch == 'matryoshka' and ends else [n]
         # the JumpReLU threshold of batchtopk and matryoshka (0: not estimated yet)
         self.register_buffer('theta', torch.zeros(()))
         # rows with a larger norm are attention sinks past position 0, which training left out:
@@ -720,7 +721,7 @@ if __name__ == '__main__':
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}")
     resume = init_from != 'scratch' and os.path.exists(ckpt_path)
     # the weights are drawn right after the seed, before any other torch randomness
-    sae = TopKSAE(d, n, k, arch, ends if arch == 'matryoshka' else ()).to(device)
+    sae = TopKSAE(d, n, k, arch, ends).to(device)
     # Gao et al. 2024, section 2.4: the rate falls with the square root of the width
     lr0 = learning_rate or lr_mult * 2e-4 / math.sqrt(n / 2 ** 14)
     opt = make_optimizer(sae, lr0)

@@ -6,6 +6,7 @@ behaviour against an independent truth, named in its docstring.
 $ python -m pytest -q test_sae.py                    # -k "not real_default" skips the real model
 """
 import os, re, io, gc, sys, json, math, html, time, runpy, signal, shutil, builtins, threading
+import functools
 import subprocess
 # before transformers is imported: the tests never reach for the hub, and the scripts run here
 # as they run alone (they turn tqdm off before torch loads it; here it is loaded already)
@@ -942,22 +943,25 @@ def step_vs_matmul(d=576, n=9216, k=32, batch=4096, steps=20, acts=''):
         x = x[x.norm(dim=1) <= 10 * x.norm(dim=1).median()]
         x *= math.sqrt(d / x.pow(2).sum(1).mean())
 
-    def median(f):
-        ts = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
-    step = {}
+    # one step of each arch in turn, and the product, `steps` times: a machine that slows down for
+    # a while slows all of them alike
+    runs = {}
     for arch in ('topk', 'batchtopk', 'matryoshka'):
         torch.manual_seed(0)
         sae = TopKSAE(d, n, k, arch, [n // 32, n // 16, n // 8, n // 4, n])
         opt, since = make_optimizer(sae, 1e-4), torch.zeros(n, dtype=torch.long)
         cfg = {**CFG, 'dtype': str(dt)[6:]}
-        step[arch] = median(lambda: train_step(sae, opt, x, since, 1e-4, cfg))
+        runs[arch] = functools.partial(train_step, sae, opt, x, since, 1e-4, cfg)
     xd, W = x.to(dt), sae.W_enc.detach().contiguous().to(dt)
-    mm = median(lambda: xd @ W)
+    runs['matmul'] = lambda: xd @ W
+    ts = {key: [] for key in runs}
+    for _ in range(steps):
+        for key, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            ts[key].append(time.perf_counter() - t0)
+    step = {key: float(np.median(t)) for key, t in ts.items()}
+    mm = step.pop('matmul')
     return {**{f'{a}_acts_per_s': round(len(x) / s) for a, s in step.items()},
             'step_s': round(step['topk'], 4), 'matmul_s': round(mm, 4),
             'step_over_matmul': round(step['topk'] / mm, 2),
