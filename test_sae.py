@@ -778,6 +778,20 @@ def test_batch_archs_fast_path_equals_the_dense_loss_and_gradients(arch):
                     for e in sae.ends) / ((x - x.mean(0)) ** 2).sum()
         assert abs(again.item() - grads[0][0].item()) > 1e-3 * again.item()
 
+def test_prefix_ends_change_only_matryoshkas_loss():
+    """Given prefix ends, topk and batchtopk keep the one FVU of the whole reconstruction (computed
+    densely here); only matryoshka adds the shorter prefixes' FVUs."""
+    ends, dead = [8, 16, 64], torch.zeros(64, dtype=torch.bool)
+    for arch in ('topk', 'batchtopk', 'matryoshka'):
+        ref, x = make()
+        sae = TopKSAE(16, 64, 4, arch, ends).requires_grad_(False)
+        sae.load_state_dict(ref.state_dict())
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        z = flat_top(pre, 4) if arch != 'topk' else dense(*pre.topk(4, dim=1), 64).relu()
+        fvu = lambda z: ((x - z @ sae.W_dec - sae.b_dec) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        want = sum(fvu(z * (torch.arange(64) < e)) for e in (ends if arch == 'matryoshka' else [64]))
+        torch.testing.assert_close(losses(sae, x, dead, 0)[0], want)
+
 def test_theta_follows_its_running_mean():
     """theta starts at the smallest value the first step keeps (the k*B-th largest of relu(pre),
     computed densely here), then moves by theta_rate towards each step's, the mean over ranks
