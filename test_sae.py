@@ -789,7 +789,8 @@ def test_prefix_ends_change_only_matryoshkas_loss():
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         z = flat_top(pre, 4) if arch != 'topk' else dense(*pre.topk(4, dim=1), 64).relu()
         fvu = lambda z: ((x - z @ sae.W_dec - sae.b_dec) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-        want = sum(fvu(z * (torch.arange(64) < e)) for e in (ends if arch == 'matryoshka' else [64]))
+        prefixes = ends if arch == 'matryoshka' else [64]
+        want = sum(fvu(z * (torch.arange(64) < e)) for e in prefixes)
         torch.testing.assert_close(losses(sae, x, dead, 0)[0], want)
 
 def test_theta_follows_its_running_mean():
