@@ -717,14 +717,15 @@ def dense(vals, idx, n):
 def test_batch_selection_equals_the_flattened_top_k():
     """sae.batch_topk keeps the same entries as a flatten-and-stable-sort of the whole batch: with
     ties (small integers), rows far from the rest (which hold most of the selection), fewer
-    positive entries than k*B, and a width where the candidates are the whole batch (the wide ones
-    go two levels of column maxima deep). Rows keep unequal counts, which a per-row top-k could
+    positive entries than k*B or none at all, and a width where the candidates are the whole batch
+    (the wide ones go two levels of column maxima deep). Rows keep unequal counts, which a per-row top-k could
     never give."""
     g = torch.Generator().manual_seed(0)
     far = torch.randn(128, 2048, generator=g)
     far[:3] *= 40
     cases = [torch.randn(256, 2048, generator=g), torch.randint(-3, 4, (256, 2048), generator=g),
-             far, torch.randn(64, 2048, generator=g) - 3.5, torch.randn(64, 48, generator=g)]
+             far, torch.randn(64, 2048, generator=g) - 3.5, torch.randn(64, 48, generator=g),
+             -torch.rand(8, 64, generator=g)]
     for pre in cases:
         pre = pre.float()
         vals, idx = batch_topk(pre, 16)
