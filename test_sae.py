@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 import capture, sae as sae_script, steer
-from sae import (TopKSAE, configure, topk, batch_topk, losses, update_dead, train_step, evaluate,
+from sae import (SAE, configure, topk, batch_topk, losses, update_dead, train_step, evaluate,
                  save_sae, load_sae, read_rows, make_optimizer, init_from_data, check_capture)
 from capture import run_to_layer, blocks
 from steer import attach, steer_fn, evaluate_lm
@@ -292,7 +292,7 @@ def broken(tiny, trained, labelled, tmp_path_factory):
     a.flush()
     del a
     sae, info = load_sae(trained)
-    save_sae(TopKSAE(32, 64, 4), 1.0, str(root / 'narrow'), {**info, 'n_latents': 64})
+    save_sae(SAE(32, 64, 4), 1.0, str(root / 'narrow'), {**info, 'n_latents': 64})
     save_sae(sae, 1.0, str(root / 'nomodel'), {**info, 'model': '/no/such/model'})
     # the SAE's capture moved away, or replaced by one of another layer
     for name in ('moved', 'relayered'):
@@ -410,19 +410,21 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_whole(tiny, tmp_path):
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_capture_rows_are_the_residual_stream_of_their_tokens(tiny, dtype, tmp_path):
     """Every row is hidden_states[layer + 1] of its context at its position (HF's own output, in
-    float32): to 1e-5 from a float32 forward pass, and within 5% of each row's norm from a bfloat16
-    one (the default where the CPU multiplies bf16 natively; 8 bits of mantissa); contexts are
-    exactly the documents cut into 32-token pieces, position 0 excluded and recorded, no padding
-    stored."""
+    float32): to 1e-5 from a float32 forward pass; from a bfloat16 one (the default where the CPU
+    multiplies bf16 natively), as close as HF's own bf16 forward pass is (within twice its error,
+    on average and at worst: bf16 rounds differently by kernel, and its error has long tails);
+    contexts are exactly the documents cut into 32-token pieces, position 0 excluded and
+    recorded, no padding stored."""
     cap = str(tmp_path / 'cap')
     run('capture.py', *tiny['cap_args'], f'--compute_dtype={dtype}', f'--out_dir={cap}')
     lm, tok = load_lm(tiny['model']), tiny['tok']
+    lm16 = load_lm(tiny['model']).to(torch.bfloat16)
     acts, tokens, ctx, pos, first = (np.load(os.path.join(cap, f + '.npy'))
                                      for f in ('acts', 'tokens', 'ctx', 'pos', 'first'))
     meta = json.load(open(os.path.join(cap, 'meta.json')))
-    assert meta['excluded'] == 'position 0 of every context' and meta['hook'] == 'model.layers.1'
+    assert meta['config']['exclude_first'] is True and meta['hook'] == 'model.layers.1'
     assert acts.shape == (meta['N'], 64) and meta['forward_dtype'] == dtype
-    got = []
+    got, errors = [], []
     for c in range(ctx.max() + 1):
         rows = np.nonzero(ctx == c)[0]
         ids = [int(first[c])] + tokens[rows].tolist()
@@ -431,9 +433,11 @@ def test_capture_rows_are_the_residual_stream_of_their_tokens(tiny, dtype, tmp_p
         a = torch.from_numpy(acts[rows])
         if dtype == 'float32':
             torch.testing.assert_close(a, hs, atol=1e-5, rtol=1e-5)
-        else:
-            assert ((a - hs).norm(dim=1) < 0.05 * hs.norm(dim=1)).all()
+        hf16 = lm16(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, 1:]
+        errors.append(torch.stack([(a - hs).norm(dim=1), (hf16.float() - hs).norm(dim=1)], 1))
         got.append(ids)
+    ours, hf = torch.cat(errors).T.detach()
+    assert ours.mean() < 2 * hf.mean() and ours.max() < 2 * hf.max()
     # the truth: the tokenizer's ids of each document, cut every 32 tokens
     want = [ids[s:s + 32] for d in tiny['docs'] for ids in [tok(d).input_ids]
             for s in range(0, len(ids), 32) if len(ids[s:s + 32]) > 1]
@@ -513,10 +517,10 @@ def test_capture_records_each_contexts_document_and_label(tiny, labelled):
         assert meta['labels'][label[c]] == f'topic{doc[c] % 3}'
     assert (np.load(os.path.join(tiny['cap'], 'label.npy')) == -1).all()
 
-# ----------------------------------------------------------------------------- the SAE (checklist)
+# ------------------------------------------- the SAE: each detail of the recipe, against a truth
 def make(d=16, n=64, k=4, seed=0):
     torch.manual_seed(seed)
-    sae = TopKSAE(d, n, k)
+    sae = SAE(d, n, k)
     with torch.no_grad():
         sae.b_dec.normal_(0, 2)
         sae.b_enc.normal_(0, 0.1)
@@ -534,7 +538,7 @@ def dense_losses(sae, x, dead, k_aux):
     var = lambda t: ((t - t.mean(0)) ** 2).sum()
     return ((x - recon) ** 2).sum() / var(x), ((e - e_hat) ** 2).sum() / var(e)
 
-def test_1_4_decoder_rows_unit_and_gradient_orthogonal_every_step():
+def test_decoder_rows_stay_unit_and_their_gradient_orthogonal():
     """After every step each decoder row (one per latent, W_dec (n, d)) has unit norm, and the
     gradient the step used had no component along its row."""
     sae, x = make()
@@ -550,7 +554,7 @@ def test_1_4_decoder_rows_unit_and_gradient_orthogonal_every_step():
 
 @pytest.mark.parametrize('device,n', [('cpu', 64), ('cpu', 2048)] +
                          [('cuda', 2048)] * torch.cuda.is_available())
-def test_2_3_10_auxk_and_the_fast_path(device, n):
+def test_fast_path_and_auxk_equal_the_dense_version(device, n):
     """AuxK has no b_dec and a detached residual; the fast path (our top-k at n=2048, a sparse
     backward) gives the dense version's losses and gradients (float32, and bf16 to its
     precision); eval's encode/decode gives the same reconstruction."""
@@ -594,7 +598,7 @@ def test_topk_equals_torch_topk():
         assert torch.equal(vals.sort(1).values, pre.topk(16).values.sort(1).values)
         assert torch.equal(pre.gather(1, idx), vals) and (idx.sort(1).values.diff(dim=1) > 0).all()
 
-def test_5_dead_latents_are_counted_in_tokens():
+def test_dead_latents_are_counted_in_tokens():
     """Latent j fires until token 128 * j; with dead_tokens = 640, two batch sizes give the same
     dead set, the one computed by hand."""
     T, n = 2048, 16
@@ -608,7 +612,7 @@ def test_5_dead_latents_are_counted_in_tokens():
     assert torch.equal(result[0], result[1])
     assert result[0].tolist() == [j * 128 <= T - 640 for j in range(n)]
 
-def test_6_fvu_uses_the_global_mean():
+def test_fvu_is_around_the_global_mean():
     """Predicting the global mean gives FVU 1 (batch means differ, so a per-batch mean gives
     another answer); a perfect reconstruction gives 0."""
     sae, _ = make(n=32, k=16)
@@ -619,14 +623,14 @@ def test_6_fvu_uses_the_global_mean():
         sae.b_dec.copy_(torch.cat(batches).mean(0))
     assert abs(evaluate(sae, batches)['fvu'] - 1) < 1e-6
     # +e_i and -e_i as latents: exactly one of each pair is positive, so recon = x
-    ident = TopKSAE(16, 32, 16)
+    ident = SAE(16, 32, 16)
     with torch.no_grad():
         ident.W_dec.copy_(torch.cat([torch.eye(16), -torch.eye(16)]))
         ident.W_enc.copy_(ident.W_dec.T)
         ident.b_dec.zero_()
     assert evaluate(ident, batches)['fvu'] < 1e-10
 
-def test_7_8_saved_sae_folds_the_scale_and_round_trips(tmp_path):
+def test_the_saved_sae_takes_raw_activations_and_round_trips(tmp_path):
     """The saved SAE on raw x gives recon / s of the training SAE on s*x; loading twice gives the
     same bits; k, the scale, the layer and the model are in the file, in SAELens's layout. A file
     cut short, or whose tensors do not fit its metadata, is one line saying how to retrain."""
@@ -656,7 +660,7 @@ def test_7_8_saved_sae_folds_the_scale_and_round_trips(tmp_path):
             load_sae(str(bad))
         assert '\n' not in str(e.value.code) and 'python sae.py' in str(e.value.code)
 
-def test_11_the_optimizer_has_no_weight_decay():
+def test_the_optimizer_has_no_weight_decay():
     """A step whose gradients are all zero leaves every weight unchanged (Adam's update is
     m / sqrt(v) = 0; any weight decay would shrink the weights)."""
     sae, _ = make()
@@ -667,13 +671,13 @@ def test_11_the_optimizer_has_no_weight_decay():
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(sae.parameters(), before))
 
-def test_12_b_dec_starts_at_the_geometric_median():
+def test_b_dec_starts_at_the_geometric_median():
     """On a sample with a few far outliers, the initial b_dec equals an independent Weiszfeld
     computation (numpy, float64) on the scaled sample, and is far from the mean."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 8, generator=g) + 3
     x[:20] += 1000
-    sae = TopKSAE(8, 32, 4)
+    sae = SAE(8, 32, 4)
     s = init_from_data(sae, x)
     assert abs(s - math.sqrt(8 / x.double().pow(2).sum(1).mean().item())) < 1e-6 * s
     y = (x.double() * s).numpy()
@@ -684,24 +688,6 @@ def test_12_b_dec_starts_at_the_geometric_median():
     b = sae.b_dec.detach().double().numpy()
     assert np.abs(b - m).max() < 1e-4 * np.abs(m).max()
     assert np.abs(b - y.mean(0)).max() > 100 * np.abs(b - m).max()
-
-def test_planted_dictionary_is_recovered():
-    """Sparse non-negative combinations of 64 known unit directions: the SAE finds at least 90%
-    of them (cosine > 0.9 with some decoder row)."""
-    g = torch.Generator().manual_seed(0)
-    true = F.normalize(torch.randn(64, 32, generator=g), dim=1)
-
-    def data(B):
-        which = torch.rand(B, 64, generator=g).topk(3).indices
-        z = torch.zeros(B, 64).scatter_(1, which, torch.rand(B, 3, generator=g) + 0.5)
-        return z @ true + 0.01 * torch.randn(B, 32, generator=g)
-    torch.manual_seed(0)
-    sae = TopKSAE(32, 128, 3)
-    opt, since = torch.optim.Adam(sae.parameters(), lr=3e-3), torch.zeros(128, dtype=torch.long)
-    for i in range(1500):
-        train_step(sae, opt, data(512), since, 3e-3 * min(1, (1500 - i) / 300),
-                   {**CFG, 'dead_tokens': 50_000})
-    assert (true @ sae.W_dec.detach().T).max(1).values.gt(0.9).float().mean() >= 0.9
 
 # ------------------------------------------------------------------------ batchtopk, matryoshka
 def flat_top(pre, k):
@@ -718,8 +704,8 @@ def test_batch_selection_equals_the_flattened_top_k():
     """sae.batch_topk keeps the same entries as a flatten-and-stable-sort of the whole batch: with
     ties (small integers), rows far from the rest (which hold most of the selection), fewer
     positive entries than k*B or none at all, and a width where the candidates are the whole batch
-    (the wide ones go two levels of column maxima deep). Rows keep unequal counts, which a per-row top-k could
-    never give."""
+    (the wide ones go two levels of column maxima deep). Rows keep unequal counts, which a
+    per-row top-k could never give."""
     g = torch.Generator().manual_seed(0)
     far = torch.randn(128, 2048, generator=g)
     far[:3] *= 40
@@ -785,7 +771,7 @@ def test_prefix_ends_change_only_matryoshkas_loss():
     ends, dead = [8, 16, 64], torch.zeros(64, dtype=torch.bool)
     for arch in ('topk', 'batchtopk', 'matryoshka'):
         ref, x = make()
-        sae = TopKSAE(16, 64, 4, arch, ends).requires_grad_(False)
+        sae = SAE(16, 64, 4, arch, ends).requires_grad_(False)
         sae.load_state_dict(ref.state_dict())
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         z = flat_top(pre, 4) if arch != 'topk' else dense(*pre.topk(4, dim=1), 64).relu()
@@ -866,7 +852,7 @@ def test_an_sae_of_the_previous_format_loads_as_topk(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), sae(x))
 
-# ----------------------------------------------------------------------------- known features
+# ------------------------------------------------ known features, and the README's speed command
 def known_features(B, g, d=48, nf=96, parents=8):
     """Activations from a known dictionary with the structure that tells the archs apart: F unit
     directions in d < nf dimensions (so they overlap), Zipf-like firing rates (feature i fires with
@@ -893,7 +879,7 @@ def train_on_known(arch, steps=1200, seed=0):
     """An SAE of each arch, 2x the true features' count and k = the mean count of active ones
     (about 6), trained on fresh batches of known_features."""
     torch.manual_seed(seed)
-    sae = TopKSAE(48, 192, 6, arch, [24, 48, 96, 192] if arch == 'matryoshka' else ())
+    sae = SAE(48, 192, 6, arch, [24, 48, 96, 192] if arch == 'matryoshka' else ())
     opt, since = make_optimizer(sae, 3e-3), torch.zeros(192, dtype=torch.long)
     scale = init_from_data(sae, known_features(4096, 10**6)[0])
     for i in range(steps):
@@ -951,7 +937,8 @@ def step_vs_matmul(d=576, n=9216, k=32, batch=4096, steps=20, acts=''):
     dtype (the product no SAE step can skip); on random data, or on rows of a capture's acts.npy
     (scaled, sinks left out, as sae.py trains). Medians: these machines are shared:
     python -c 'import test_sae; print(test_sae.step_vs_matmul(acts="data/smollm2-l15/acts.npy"))'"""
-    dt = sae_script.pick_dtype('auto', 'cpu')[0]
+    name = sae_script.pick_dtype('auto', 'cpu')[0]
+    dt = getattr(torch, name)
     x = torch.randn(batch, d)
     if acts:
         rows = np.random.default_rng(0).choice(len(np.load(acts, mmap_mode='r')), batch, False)
@@ -964,9 +951,9 @@ def step_vs_matmul(d=576, n=9216, k=32, batch=4096, steps=20, acts=''):
     runs = {}
     for arch in ('topk', 'batchtopk', 'matryoshka'):
         torch.manual_seed(0)
-        sae = TopKSAE(d, n, k, arch, [n // 32, n // 16, n // 8, n // 4, n])
+        sae = SAE(d, n, k, arch, [n // 32, n // 16, n // 8, n // 4, n])
         opt, since = make_optimizer(sae, 1e-4), torch.zeros(n, dtype=torch.long)
-        cfg = {**CFG, 'dtype': str(dt)[6:]}
+        cfg = {**CFG, 'dtype': name}
         runs[arch] = functools.partial(train_step, sae, opt, x, since, 1e-4, cfg)
     xd, W = x.to(dt), sae.W_enc.detach().contiguous().to(dt)
     runs['matmul'] = lambda: xd @ W
@@ -983,14 +970,17 @@ def step_vs_matmul(d=576, n=9216, k=32, batch=4096, steps=20, acts=''):
             'step_over_matmul': round(step['topk'] / mm, 2),
             'batchtopk_over_topk': round(step['batchtopk'] / step['topk'], 2),
             'matryoshka_over_topk': round(step['matryoshka'] / step['topk'], 2),
-            'dtype': str(dt)[6:], 'threads': torch.get_num_threads()}
+            'dtype': name, 'threads': torch.get_num_threads()}
 
-def test_step_speed_is_measurable():
-    """The speed function runs on small shapes and gives a step slower than its one product."""
-    r = step_vs_matmul(d=32, n=2048, k=8, batch=512, steps=5)
-    assert r['topk_acts_per_s'] > 0 and r['step_over_matmul'] > 1
+def test_the_readme_speed_command_runs():
+    """The README's speed command, on small shapes: every figure it quotes is there (speed
+    itself is a benchmark, never a test)."""
+    r = step_vs_matmul(d=32, n=2048, k=8, batch=512, steps=2)
+    assert {'step_over_matmul', 'batchtopk_over_topk', 'matryoshka_over_topk',
+            'topk_acts_per_s'} <= set(r)
 
-def test_9_torchrun_gloo_equals_one_process(tiny, tmp_path):
+# ------------------------------------------- scaling out, resuming after a kill, one run a folder
+def test_torchrun_gloo_equals_one_process(tiny, tmp_path):
     """2 gloo ranks with batch 64 each give the weights of one process with batch 128 (and the
     script itself asserts that both ranks end with identical weights)."""
     # float32: a bf16 product may round a row differently in a batch of 64 than in one of 128, and a
@@ -1003,7 +993,7 @@ def test_9_torchrun_gloo_equals_one_process(tiny, tmp_path):
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
-def test_9_batchtopk_under_torchrun_selects_per_rank(tiny, tmp_path):
+def test_batchtopk_under_torchrun_selects_per_rank(tiny, tmp_path):
     """BatchTopK under 2 gloo ranks: each rank selects its k*B among its own 64 rows (as
     dictionary_learning and SAELens do), so the run is not one process's with batch 128; what
     holds is that both ranks end with the same weights and theta (the script asserts it), theta
@@ -1062,8 +1052,30 @@ def test_two_runs_into_one_folder(tiny, tmp_path):
         run(*args)
     assert (cap / 'meta.json').exists() and (out / 'sae_weights.safetensors').exists()
 
-# ----------------------------------------------------------------------------- steering, evaluation
-def test_steering_hooks(tiny, trained):
+def test_a_writing_steer_run_holds_the_sae_folder(tiny, trained, tmp_path):
+    """A steer.py run that writes beside the SAE (the dashboard here) holds its folder: a second
+    one refuses at the start, naming the holder (paused with SIGSTOP, so it cannot finish first),
+    and writes nothing; a --prompt run only reads, and runs beside it."""
+    sae = tmp_path / 'sae'
+    shutil.copytree(trained, sae)
+    args = ['steer.py', f'--sae_path={sae}', '--browse=True']
+    first = subprocess.Popen(command(*args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL)
+    try:
+        while (sae / 'lock').read_text() != str(first.pid):
+            assert first.poll() is None
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        before = {f: (sae / f).stat().st_mtime_ns for f in os.listdir(sae)}
+        fails(args, f'is in use by process {first.pid}')
+        assert '--- steered ---' in run('steer.py', f'--sae_path={sae}', '--prompt=the river',
+                                        '--latent=3', '--max_new_tokens=4').stdout
+        assert {f: (sae / f).stat().st_mtime_ns for f in os.listdir(sae)} == before
+    finally:
+        first.kill()
+        first.wait()
+
+# ---------------------------------------------- the model with the SAE in the loop: steer, evaluate
+def test_steering_at_0_changes_nothing_and_reaches_generated_tokens(tiny, trained):
     """Strength 0 (or an identity hook) gives the clean logits bit for bit; clamping a latent to
     its own value changes nothing; the hook acts on tokens generated with the KV cache."""
     lm, sae = load_lm(tiny['model']), load_sae(trained)[0]
@@ -1081,7 +1093,7 @@ def test_steering_hooks(tiny, trained):
     torch.testing.assert_close(steer_fn(sae, i, f, 'clamp')(x[:1]), x[:1])
     # every seq_len-1 step of generate: the block's output moved by exactly 3 * d_i
     seen = []
-    h1 = attach(block, lambda h: seen.append(h) or steer_fn(sae, i, 3.0, 'add')(h))
+    h1 = attach(block, lambda h: seen.append(h.clone()) or steer_fn(sae, i, 3.0, 'add')(h))
     h2 = block.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple)
                                                                  else o))
     lm.generate(ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -1152,8 +1164,14 @@ def test_steer_works_with_every_arch(tiny, labelled, arch, tmp_path):
     z = encoded_capture(sae, labelled['cap'])[0]
     assert ev['l0_inference'] == round((z > 0).sum().item() / len(z), 2) != sae.k
     assert ev['probe_classes'] == 3 and abs(ev['ce_spliced+error'] - ev['ce_clean']) < 1e-4
-    # the page, in Chromium: a latent of the first group and one of the last
+    # one line per token of the prompt (bytes here), and the last one
+    assert len(run('steer.py', f'--sae_path={out}', '--prompt=the river').stdout.splitlines()) > 9
+    p = run('steer.py', f'--sae_path={out}', '--prompt=the river', '--latent=3', '--mode=clamp')
+    assert '--- steered ---' in p.stdout
+    # the page, in Chromium (last: without it, only this part skips): a latent of the first group
+    # and one of the last
     live = [c['i'] for c in json.load(open(out / 'browser.json'))['latents']]
+    assert arch != 'matryoshka' or live[0] < sae.ends[0] and live[-1] >= sae.ends[-2]
     lo = [0] + sae.ends
     for i in (live[0], live[-1]):
         dom = chromium_dom(f"file://{out / 'browser.html'}#{i}", tmp_path)
@@ -1161,12 +1179,8 @@ def test_steer_works_with_every_arch(tiny, labelled, arch, tmp_path):
         g = max(j for j in range(len(sae.ends)) if lo[j] <= i)
         assert shown == ([(str(g), str(lo[g]), str(sae.ends[g] - 1))] if arch == 'matryoshka'
                          else [])
-    assert arch != 'matryoshka' or live[0] < sae.ends[0] and live[-1] >= sae.ends[-2]
-    # one line per token of the prompt (bytes here), and the last one
-    assert len(run('steer.py', f'--sae_path={out}', '--prompt=the river').stdout.splitlines()) > 9
-    p = run('steer.py', f'--sae_path={out}', '--prompt=the river', '--latent=3', '--mode=clamp')
-    assert '--- steered ---' in p.stdout
 
+# ----------------------------------------------------------------------------------- the dashboard
 def test_dashboard_data_matches_the_capture(tiny, trained):
     """browser.json, for every live latent, against the capture encoded here: the nonzero count,
     the histogram's total, the top example's firing token and value (the row where the latent is
@@ -1190,7 +1204,7 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
         q = [ex[3] for group in l['quant'] for ex in group]
         assert q == sorted(q) and len(q) == min(10, l['count'])
     codes = steer.encode_all(sae, os.path.join(tiny['cap'], 'acts.npy'))
-    a = steer.documents(tiny['cap'])
+    a = steer.read_capture(tiny['cap'])
     count, hist, (top, _) = steer.scan(codes, 256, 3, 10)
     assert torch.equal(count, (z > 0).sum(0)) and torch.equal(hist.sum(1), count)
     want = z.topk(3, dim=0).values.T
@@ -1198,14 +1212,17 @@ def test_dashboard_data_matches_the_capture(tiny, trained):
         rows = codes[2][top[i]].long()
         assert torch.equal(z[rows, i], want[i][want[i] > 0])
         assert (codes[1][top[i]] == i).all()
-        # each example's window: the rows around it in its context, with the latent on each
+        # each example's window: the rows around it in its context (token ids through the page's
+        # table), with the latent on each in tenths of its largest value
+        big, vocab = z[:, i].max().item(), {}
         for c in top[i].tolist():
-            e, r = steer.example(c, i, [t.numpy() for t in codes], a), int(codes[2][c])
+            ids, acts, at, value = steer.example(c, i, [t.numpy() for t in codes], a, big, vocab)
+            r = int(codes[2][c])
             win = [s for s in range(r - 8, r + 4)
                    if 0 <= s < len(z) and a['ctx'][s] == a['ctx'][r]]
-            assert e['acts'][-len(win):] == z[win, i].tolist() and e['value'] == z[r, i].item()
-            assert e['tokens'][e['at']] == tokens[r]
-            assert len(e['acts']) == len(win) + (a['pos'][win[0]] == 1)
+            assert acts[-len(win):] == [round(10 * v / big) for v in z[win, i].tolist()]
+            assert value == round(z[r, i].item(), 3) and list(vocab)[ids[at]] == tokens[r]
+            assert len(acts) == len(win) + (a['pos'][win[0]] == 1)
 
 def chromium_dom(url, tmp_path):
     """The DOM after the page's script has run, from Debian's chromium, headless."""
@@ -1244,6 +1261,7 @@ def test_dashboard_in_a_real_browser(tiny, trained, tmp_path):
     first = re.search(r'<li><a href="#(\d+)">', chromium_dom(f'{page}?sort=density', tmp_path))
     assert counts[int(first.group(1))] == counts.max()
 
+# ------------------------------------------------------------- the real default model, end to end
 def test_real_default_pipeline(tmp_path):
     """The offline default: SmolLM2-135M-Instruct (GGUF) on the Wikipedia corpus, a few thousand
     tokens; the clean CE of a real model on real text is between 1 and 5 nats."""
@@ -1260,7 +1278,7 @@ def test_real_default_pipeline(tmp_path):
     assert ev['ce_spliced'] < ev['ce_zero_ablated']
     assert (out / 'browser.html').exists() and 'loss_recovered_pct' in runs[-1].stdout
 
-# ----------------------------------------------------------------------------- interpret
+# --------------------------------------- interpret: sparse probes, explanations scored by detection
 def test_k_sparse_probe_finds_a_planted_latent():
     """Planted: latent 7 fires only on class 0's documents; the class signal in the residual
     stream is spread evenly over all 32 dimensions, so no one dimension carries it. The top-1
@@ -1278,13 +1296,19 @@ def test_k_sparse_probe_finds_a_planted_latent():
     assert r['probe_sae_top1'] > r['probe_residual_top1'] + 0.1
     assert r['probe_residual_full'] > r['probe_residual_top1']
 
-def test_probe_end_to_end(labelled):
-    """`--probe=True` writes its numbers into eval.json. With the dashboard in the same run (as
-    by default), both read the same codes: the same live latents as the capture encoded here."""
+def test_probe_end_to_end_and_eval_json_keeps_every_stage(labelled, tiny):
+    """`--probe=True` writes its numbers into eval.json beside the evaluation's, and a later
+    evaluation keeps them. With the dashboard in the same run (as by default), both read the same
+    codes: the same live latents as the capture encoded here."""
+    path, ev_args = os.path.join(labelled['sae'], 'eval.json'), [f'--data={tiny["corpus"]}',
+                                                                   '--eval_tokens=300']
+    run('steer.py', f'--sae_path={labelled["sae"]}', '--evaluate=True', *ev_args)
     out = run('steer.py', f'--sae_path={labelled["sae"]}', '--probe=True', '--browse=True',
               '--dtype=float32').stdout
-    ev = json.load(open(os.path.join(labelled['sae'], 'eval.json')))
-    assert ev['probe_classes'] == 3 and 0 <= ev['probe_sae_top1'] <= 1 and 'top-5' in out
+    ev = json.load(open(path))
+    assert ev['probe_classes'] == 3 and 'ce_clean' in ev and 'top-5' in out
+    run('steer.py', f'--sae_path={labelled["sae"]}', '--evaluate=True', *ev_args)
+    assert json.load(open(path))['probe_best_latent'] == ev['probe_best_latent']
     z, _ = encoded_capture(load_sae(labelled['sae'])[0], labelled['cap'])
     data = json.load(open(os.path.join(labelled['sae'], 'browser.json')))
     assert [l['i'] for l in data['latents']] == torch.nonzero((z > 0).sum(0)).flatten().tolist()
@@ -1302,7 +1326,7 @@ def planted(labelled, tmp_path):
     acts = np.load(cap / 'acts.npy', mmap_mode='r+')
     acts[:] = 5 * E[tokens].numpy()
     acts.flush()
-    sae = TopKSAE(64, V, 1)
+    sae = SAE(64, V, 1)
     with torch.no_grad():
         sae.W_dec.copy_(E)
         sae.enc.copy_(torch.cat([E, torch.zeros(V, 1)], 1))
@@ -1318,7 +1342,7 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
     documents are disjoint, and those of the score set are all held out."""
     sae, info = planted(labelled, tmp_path)
     tok, cap = tiny['tok'], info['data_dir']
-    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy'), steer.documents(cap), \
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy'), steer.read_capture(cap), \
         check_capture(cap)
     # one code per row, on the row's token
     assert (codes[1].numpy() == a['tokens']).all()
@@ -1332,7 +1356,7 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
         word = re.search(r"'(.+?)'", explanation).group(1)
         return [float(word in t) for t in texts]
     k, o = tok.convert_tokens_to_ids(['k', 'o'])
-    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, False), 0, [k, o], 0, 1)
+    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, False, 1), 0, [k, o], 0)
     s = r['latents'][str(k)]
     assert s['explanation'] == s['token_baseline'] == "the token 'k'"
     assert s['scores']['llm']['balanced_accuracy'] == 1.0
@@ -1340,9 +1364,9 @@ def test_detection_score_against_a_planted_token_latent(tiny, labelled, tmp_path
     assert s['positives'] == min(20, s['contexts']['score']) and s['negatives'] == 20
     assert s['random_from'] == o and 0.3 <= s['scores']['random']['balanced_accuracy'] <= 0.7
     e = steer.examples(k, codes, a, tok, np.random.default_rng(0), meta['labels'])
-    shown, scored = a['row_doc'][e['explain_rows']], a['row_doc'][e['score_rows']]
-    assert not set(shown) & set(scored) and steer.held_out(scored).all()
-    assert not steer.held_out(shown).any()
+    shown, scored = a['row_doc'][e['about']['explain_rows']], a['row_doc'][e['about']['score_rows']]
+    assert not set(shown) & set(scored) and steer.is_test(scored).all()
+    assert not steer.is_test(shown).any()
 
 def test_a_prior_for_yes_does_not_hide_a_good_explanation(tiny, labelled, tmp_path):
     """A scripted scorer like the 1.5B model of the report: P(yes) is 0.75 on every text, plus
@@ -1351,7 +1375,7 @@ def test_a_prior_for_yes_does_not_hide_a_good_explanation(tiny, labelled, tmp_pa
     the median P(yes), give the planted explanation 1.0 and the random control about 0.5."""
     sae, info = planted(labelled, tmp_path)
     tok, cap = tiny['tok'], info['data_dir']
-    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy'), steer.documents(cap), \
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy'), steer.read_capture(cap), \
         check_capture(cap)
 
     def chat(messages, max_tokens):
@@ -1362,15 +1386,15 @@ def test_a_prior_for_yes_does_not_hide_a_good_explanation(tiny, labelled, tmp_pa
         word = re.search(r"'(.+?)'", explanation).group(1)
         return [0.75 + 0.03 * (word in t) for t in texts]
     k, o = tok.convert_tokens_to_ids(['k', 'o'])
-    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, True), 0, [k, o], 0, 1)
+    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, True, 1), 0, [k, o], 0)
     s = r['latents'][str(k)]['scores']
     assert s['llm']['auroc'] == s['token']['auroc'] == 1.0 and 0.3 <= s['random']['auroc'] <= 0.7
     assert s['llm']['balanced_accuracy'] == 1.0 and 0.3 <= s['random']['balanced_accuracy'] <= 0.7
     assert 'auroc' in r['headline'] and 'median' in r['balanced_accuracy_cut']
-    # the old score: a cut at 0.5
-    truth = steer.examples(k, codes, a, tok, np.random.default_rng([0, k]), meta['labels'])
-    p = judge("the token 'k'", truth['texts'])
-    assert np.mean([q >= 0.5 for q in p]) == 1.0
+    # the old score, a cut at 0.5, calls every text 'yes': chance, for the planted explanation too
+    e = steer.examples(k, codes, a, tok, np.random.default_rng([0, k]), meta['labels'])
+    assert steer.detection(judge("the token 'k'", e['texts']), e['truth'], False) == \
+        {'balanced_accuracy': 0.5, 'failed': 0}
 
 def test_an_answer_that_repeats_the_prompt_or_copies_a_text_is_no_explanation(tiny, labelled,
                                                                              tmp_path):
@@ -1385,7 +1409,7 @@ def test_an_answer_that_repeats_the_prompt_or_copies_a_text_is_no_explanation(ti
     assert last.index('<<sea>>') < last.index('What do the marked tokens have in common?')
     sae, info = planted(labelled, tmp_path)
     tok, cap = tiny['tok'], info['data_dir']
-    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy'), steer.documents(cap), \
+    codes, a, meta = steer.encode_all(sae, f'{cap}/acts.npy'), steer.read_capture(cap), \
         check_capture(cap)
     k, o, e = tok.convert_tokens_to_ids(['k', 'o', 'e'])
 
@@ -1401,7 +1425,7 @@ def test_an_answer_that_repeats_the_prompt_or_copies_a_text_is_no_explanation(ti
 
     def judge(explanation, texts):
         return [0.5] * len(texts)
-    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, True), 0, [k, o, e], 0, 1)
+    r = steer.interpret(sae, meta, a, codes, tok, (chat, judge, True, 1), 0, [k, o, e], 0)
     assert r['latents'][str(k)]['explanation'] is None and r['failed_explanations'] == 1
     assert 'llm' not in r['latents'][str(k)]['scores'] and r['summary']['llm']['latents'] == 2
     assert r['latents'][str(o)]['explanation'] == 'the letter o'
@@ -1520,10 +1544,7 @@ def test_endpoint_rerun_is_free_and_the_dashboard_shows_it(endpoint, tmp_path):
     assert len(Endpoint.log) == n
     assert json.load(open(endpoint['sae'] / 'interp.json'))['latents'] == r['latents']
     run('steer.py', f'--sae_path={endpoint["sae"]}', '--browse=True')
-    cards = {l['i']: l for l in json.load(open(endpoint['sae'] / 'browser.json'))['latents']}
-    for i, e in r['latents'].items():
-        assert cards[int(i)]['explanation'] == e['explanation']
-        assert cards[int(i)]['score'] == e['scores']['llm']['balanced_accuracy']
+    assert json.load(open(endpoint['sae'] / 'browser.json'))['interp'] == r
     if shutil.which('chromium'):
         page = f'file://{endpoint["sae"] / "browser.html"}?sort=score#{endpoint["k"]}'
         dom = chromium_dom(page, tmp_path)
@@ -1588,7 +1609,7 @@ def test_explain_with_a_local_model_and_a_gguf_file(tiny, labelled, chat_model, 
         assert len(r['latents']) == 2 and r['explainer'] == explainer
         # the tiny model's answers may fail the explanation check: then only the controls score
         for e in r['latents'].values():
-            assert 0 <= e['scores']['token']['auroc'] <= 1 and e['positives'] > 0
+            assert 'auroc' in e['scores']['token'] and e['positives'] > 0
             assert (e['explanation'] is None) == ('llm' not in e['scores'])
         lines = open(sae / 'interp_cache.jsonl').readlines()
         run(*args)
@@ -1596,3 +1617,17 @@ def test_explain_with_a_local_model_and_a_gguf_file(tiny, labelled, chat_model, 
         assert json.load(open(sae / 'interp.json'))['latents'] == r['latents']
         got[explainer] = {i: e['scores'] for i, e in r['latents'].items()}
     assert got[chat_model] == got[str(gguf_file)]
+
+# ------------------------------------------------------------------------------------- the README
+def test_the_readme_counts_are_true():
+    """The README's file table gives each file's line count, and its test command the number of
+    tests: both as the files have them."""
+    readme = open(os.path.join(REPO, 'README.md')).read()
+    table = re.findall(r'^\| `(\w+\.py)` \| (\d+) \|', readme, re.M)
+    assert len(table) == 4
+    for name, lines in table:
+        assert int(lines) == open(os.path.join(REPO, name)).read().count('\n'), name
+    n = re.search(r'`python -m pytest -q test_sae.py`: (\d+) tests', readme).group(1)
+    p = subprocess.run([sys.executable, '-m', 'pytest', '--collect-only', '-q', 'test_sae.py'],
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert f'\n{n} tests collected' in p.stdout, p.stdout[-300:]
