@@ -12,6 +12,7 @@ complete. Kill it at any point and rerun the same command: it continues.
 import os, sys, json, glob, time, shutil, importlib.util
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
 os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})
+from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -228,10 +229,11 @@ if __name__ == '__main__':
     # the lock lives as long as its open file)
     lock_file = lock(out_dir) if rank == 0 else None
     # the same config resumes; a different one is refused, so no folder mixes two captures
+    out = Path(out_dir)
     ident = {k: v for k, v in config.items() if k not in ('out_dir', 'log_seconds', 'device')}
     # meta.json: a finished capture; plan.json: a started one (its arrays are laid out)
     for name in ('meta.json', 'plan.json'):
-        found = read_json(os.path.join(out_dir, name))
+        found = read_json(out / name)
         diff = found and config_diff(found['config'], ident)
         if diff:
             raise SystemExit(f"'{out_dir}' holds a different capture ({diff}): remove the folder "
@@ -269,14 +271,14 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # files: rank 0 lays out every array at its final size; acts.npy then fills batch by batch
-    f_acts, f_done = os.path.join(out_dir, 'acts.npy'), os.path.join(out_dir, 'done.npy')
+    f_acts, f_done = out / 'acts.npy', out / 'done.npy'
     plan = {'config': ident, 'N': N, 'd_model': d, 'n_contexts': len(ctxs),
             'n_batches': n_batches}
     # each context's label as an index into the sorted names (-1: none), for steer.py's probes
     names = sorted({t for t in labels if t is not None})
     code = {t: j for j, t in enumerate(names)}
     # plan.json, written last, marks the layout as done
-    if rank == 0 and not os.path.exists(os.path.join(out_dir, 'plan.json')):
+    if rank == 0 and not (out / 'plan.json').exists():
         # each row's context and position, from the lengths alone
         ctx_id = np.repeat(np.arange(len(ctxs), dtype=np.int32), lens)
         pos = (np.arange(N) - starts[ctx_id] + skip).astype(np.int32)
@@ -293,13 +295,12 @@ if __name__ == '__main__':
             with open(f_acts, 'r+b') as f:
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(f_acts))
             for name, arr in arrays.items():
-                np.save(os.path.join(out_dir, name + '.npy'), arr)
+                np.save(out / f'{name}.npy', arr)
         except OSError as e:
-            if os.path.exists(f_acts):
-                os.remove(f_acts)
+            f_acts.unlink(missing_ok=True)
             raise SystemExit(f"cannot write {N * d * npdt.itemsize / 2**30:.2f} GiB to {out_dir} "
                              f"({e.strerror}): free disk space or lower --max_tokens")
-        write_file(os.path.join(out_dir, 'plan.json'), plan)
+        write_file(out / 'plan.json', plan)
     if ddp:
         dist.barrier()
 
@@ -355,7 +356,7 @@ if __name__ == '__main__':
         meta = {**plan, 'model': model, 'layer': layer, 'hook': f'{path}.{layer}', 'dtype': dtype,
                 'ctx_len': ctx_len, 'corpus': data, 'forward_dtype': fwd,
                 'tokens_per_s': round(n_done * world / elapsed), 'labels': names}
-        write_file(os.path.join(out_dir, 'meta.json'), meta)
+        write_file(out / 'meta.json', meta)
         print(f"done: {N} activations ({d} dims, {dtype}) in {out_dir} | "
               f"{n_done * world / elapsed:.0f} tok/s over {elapsed:.0f}s; capture.py done in "
               f"{time.time() - t_start:.0f}s")

@@ -10,6 +10,7 @@ Kill it at any point and rerun the same command: it resumes from out_dir/ckpt.pt
 """
 import os, io, sys, json, math, time, fcntl, shlex, functools, warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -250,21 +251,19 @@ def geometric_median(x, iters=100):
     return m_new
 
 # FVU around the global mean of all batches (streamed, float64; a per-batch mean would inflate it),
-# L0, and per latent: how often it fired and the sum of its activations.
+# L0, and per latent: how often it fired.
 @torch.no_grad()
 def evaluate(sae, batches):
     s1, s2, sse, l0, n = 0, 0, 0, 0, 0
-    count, act = sae.W_dec.new_zeros(2, len(sae.W_dec))
+    count = sae.W_dec.new_zeros(len(sae.W_dec))
     for x in batches:
         vals, idx = sae.encode(x)
         recon, x = sae.decode(vals, idx).double(), x.double()
         s1, s2, sse = s1 + x.sum(0), s2 + (x ** 2).sum(), sse + ((x - recon) ** 2).sum()
         l0, n = l0 + (vals > 0).sum().item(), n + len(x)
         count.index_add_(0, idx.flatten(), (vals > 0).float().flatten())
-        act.index_add_(0, idx.flatten(), vals.flatten())
     # sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / n
-    return {'fvu': (sse / (s2 - (s1 ** 2).sum() / n)).item(), 'l0': l0 / n, 'count': count,
-            'act': act}
+    return {'fvu': (sse / (s2 - (s1 ** 2).sum() / n)).item(), 'l0': l0 / n, 'count': count}
 
 # -----------------------------------------------------------------------------
 # fast path, same math: exact selections, and a backward that touches only the selected entries
@@ -431,10 +430,11 @@ def save_sae(sae, scale, path, info):
     # only topk has a k; only its layout has the decoder-norm option
     if not jump:
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
-    os.makedirs(path, exist_ok=True)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     # the weights last: their file is what load_sae looks for
-    write_file(os.path.join(path, 'cfg.json'), cfg)
-    write_file(os.path.join(path, 'sae_weights.safetensors'), save(t, metadata=meta))
+    write_file(path / 'cfg.json', cfg)
+    write_file(path / 'sae_weights.safetensors', save(t, metadata=meta))
 
 # (sae, info) from a folder written by save_sae (or its .safetensors file), checked against its own
 # metadata; the SAE takes raw activations.
@@ -557,7 +557,7 @@ def lock(folder, other='pass another --out_dir'):
     try:
         os.makedirs(folder, exist_ok=True)
         # 'a+' opens without truncating: a run that loses the race can still read the pid
-        f = open(os.path.join(folder, 'lock'), 'a+')
+        f = open(Path(folder) / 'lock', 'a+')
     except OSError as e:
         raise SystemExit(f"'{folder}' cannot be created or written ({e.strerror}): {other}")
     try:
@@ -578,7 +578,7 @@ def write_file(path, data):
     data = json.dumps(data, indent=1) if isinstance(data, dict) else data
     data = data.encode() if isinstance(data, str) else data
     # in the same folder, so os.replace is a rename within one file system: atomic
-    tmp = path + '.tmp'
+    tmp = f'{path}.tmp'
     try:
         with open(tmp, 'wb') as f:
             f.write(data)
@@ -609,17 +609,18 @@ def check_finite(x, rows, folder, fix):
     bad = np.nonzero(~np.isfinite(x).all(1))[0]
     if len(bad):
         r = int(rows[bad[0]])
-        ctx = np.load(os.path.join(folder, 'ctx.npy'), mmap_mode='r')[r]
+        ctx = np.load(Path(folder) / 'ctx.npy', mmap_mode='r')[r]
         raise SystemExit(f"NaN or inf at row {r} (context {ctx}): {fix}")
 
 # The meta.json of a finished capture, after checking every array's shape and dtype from its .npy
 # header: a copy cut short would otherwise crash halfway with an mmap error. With an SAE's info:
 # also that the capture is still there and of the SAE's model and block.
 def check_capture(folder, info=None):
-    if not os.path.exists(os.path.join(folder, 'meta.json')):
+    folder = Path(folder)
+    if not (folder / 'meta.json').exists():
         what = f"--data_dir={folder} holds no capture: make one with `python capture.py " \
                f"--out_dir={folder}`"
-        if os.path.exists(os.path.join(folder, 'acts.npy')):
+        if (folder / 'acts.npy').exists():
             what = f"--data_dir={folder} is an unfinished capture (no meta.json): rerun its " \
                    f"capture.py command to finish it"
         # the path is stored in the SAE's file: the folder may have moved since training
@@ -628,12 +629,12 @@ def check_capture(folder, info=None):
                    f"`{capture_command(info['capture']['config'], folder)}`"
         raise SystemExit(what)
     # meta.json is written last and atomically: when it is there, it is whole
-    meta = read_json(os.path.join(folder, 'meta.json'))
+    meta = read_json(folder / 'meta.json')
     N, C = meta['N'], meta['n_contexts']
     want = {'acts': (N, meta['d_model']), 'tokens': (N,), 'ctx': (N,), 'pos': (N,),
             'first': (C,), 'doc': (C,), 'label': (C,)}
     for name, shape in want.items():
-        path = os.path.join(folder, name + '.npy')
+        path = folder / f'{name}.npy'
         promise = f"{shape} {meta['dtype'] if name == 'acts' else 'int32'}"
         # a file cut short fails here: its header promises more bytes than there are
         try:
@@ -674,7 +675,7 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # data: a global shuffle over all rows of the capture, whole contexts kept for validation
     meta = check_capture(data_dir)
-    acts = os.path.join(data_dir, 'acts.npy')
+    out, acts = Path(out_dir), Path(data_dir) / 'acts.npy'
     N, d = meta['N'], meta['d_model']
     # 16 x d_model by default: 9,216 latents for SmolLM2's 576 dimensions
     n = n_latents or expansion * d
@@ -693,7 +694,7 @@ if __name__ == '__main__':
     config['dtype'] = dtype
     # validation contexts: whole contexts, so no validation token has a neighbour in training;
     # 4 bytes a row
-    ctx = np.load(os.path.join(data_dir, 'ctx.npy'))
+    ctx = np.load(acts.parent / 'ctx.npy')
     val_ctx = np.random.default_rng(seed).random(int(ctx.max()) + 1) < val_frac
     rows, val_rows = (np.nonzero(m)[0].astype(np.int32) for m in (~val_ctx[ctx], val_ctx[ctx]))
     del ctx
@@ -720,10 +721,10 @@ if __name__ == '__main__':
     ident = {key: v for key, v in config.items()
              if key not in ('init_from', 'eval_interval', 'log_interval', 'ckpt_interval',
                             'wandb_log', 'wandb_project', 'device', 'out_dir')}
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if init_from == 'resume' and not os.path.exists(ckpt_path):
+    ckpt_path = out / 'ckpt.pt'
+    if init_from == 'resume' and not ckpt_path.exists():
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}")
-    resume = init_from != 'scratch' and os.path.exists(ckpt_path)
+    resume = init_from != 'scratch' and ckpt_path.exists()
     # the weights are drawn right after the seed, before any other torch randomness
     sae = SAE(d, n, k, arch, ends).to(device)
     # Gao et al. 2024, section 2.4: the rate falls with the square root of the width
@@ -731,25 +732,27 @@ if __name__ == '__main__':
     opt = make_optimizer(sae, lr0)
     # tokens since each latent last fired: dead means since_fired >= dead_tokens
     since_fired = torch.zeros(n, dtype=torch.long, device=device)
-    it = 0
+    # 32,768 rows fix one scalar and a median well (OpenAI's code uses the same count); their
+    # median norm is also steer.py's unit of strength
+    rng = np.random.default_rng(seed)
+    x = read_rows(acts, np.sort(rng.choice(rows, min(len(rows), 32768), replace=False)))
+    norm = x.norm(dim=1)
+    median, it = norm.median().item(), 0
     if resume:
         it, scale = load_checkpoint(ckpt_path, sae, opt, since_fired, ident, device)
         log(f"resuming from {ckpt_path} at step {it}")
     else:
-        # 32,768 rows fix one scalar and a median well (OpenAI's code uses the same count)
-        rng = np.random.default_rng(seed)
-        x = read_rows(acts, np.sort(rng.choice(rows, min(len(rows), 32768), replace=False)))
         # attention sinks past position 0: a few rows with about 100x the median norm (59 of the
         # default 500k, mostly at position 1). BatchTopK would give such a row most of a batch's
         # k*B latents, and each one moves the scale: they are left out of training and
         # evaluation, for every arch
-        norm = x.norm(dim=1)
-        cut = sink_norm * norm.median().item() if sink_norm else math.inf
+        cut = sink_norm * median if sink_norm else math.inf
         scale = init_from_data(sae, x[norm <= cut])
         sae.max_norm.fill_(cut * scale)
     # the SAE's metadata: steer.py finds the model, the layer and the capture here
     info = {**{key: meta.get(key) for key in ('model', 'layer', 'hook', 'ctx_len', 'd_model', 'N')},
-            'n_latents': n, 'data_dir': data_dir, 'capture': meta, 'config': config}
+            'n_latents': n, 'data_dir': data_dir, 'capture': meta, 'config': config,
+            'median_norm': median}
     if rank == 0 and wandb_log:
         import wandb
         wandb.init(project=wandb_project, config=config)
@@ -768,14 +771,13 @@ if __name__ == '__main__':
     # dead: never fired on the validation rows, nor in the last dead_tokens tokens of training
     def run_eval():
         r = evaluate(sae, val_batches())
-        count, act = r.pop('count'), r.pop('act')
-        dead = ((count == 0) & (since_fired >= dead_tokens)).float().mean().item()
-        return {**r, 'dead_frac': dead, 'tokens': it * gb}, (act / count.clamp_min(1) / scale)
+        dead = ((r.pop('count') == 0) & (since_fired >= dead_tokens)).float().mean().item()
+        return {**r, 'dead_frac': dead, 'tokens': it * gb}
 
     # metrics.jsonl: one line per log and eval, rewritten whole, so a full disk never cuts a line
-    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+    metrics_path = out / 'metrics.jsonl'
     metrics = []
-    if resume and os.path.exists(metrics_path):
+    if resume and metrics_path.exists():
         metrics = open(metrics_path).read().splitlines()
 
     def record(row):
@@ -788,7 +790,7 @@ if __name__ == '__main__':
         f"scale {scale:.4g}, {len(rows)} train / {len(val_rows)} val rows, global batch {gb}, "
         f"{max_iters} steps, {world} process(es), encoder product in {dtype} ({why})")
     # a finished run, rerun: nothing to do
-    if it >= max_iters and os.path.exists(os.path.join(out_dir, 'sae_weights.safetensors')):
+    if it >= max_iters and (out / 'sae_weights.safetensors').exists():
         log(f"{out_dir} already holds this run, trained for {it} steps")
         raise SystemExit(0)
     # one thread reads the next batch from disk while this one trains
@@ -820,7 +822,7 @@ if __name__ == '__main__':
                     wandb.log(row)
         # eval on the validation contexts (the final one comes after the loop)
         if rank == 0 and len(val_rows) and it % eval_interval == 0 and it < max_iters:
-            ev = run_eval()[0]
+            ev = run_eval()
             log(f"eval step {it}: fvu {ev['fvu']:.4f} | l0 {ev['l0']:.1f} | dead "
                 f"{100 * ev['dead_frac']:.2f}% | {ev['tokens']} tokens seen")
             record({'iter': it, 'eval': ev})
@@ -841,11 +843,9 @@ if __name__ == '__main__':
             assert torch.equal(ref, p.detach()), "ranks disagree on the weights"
     if rank == 0:
         # the final validation goes into the SAE's metadata too
-        ev, act_mean = run_eval() if len(val_rows) else ({}, torch.zeros(0))
+        ev = run_eval() if len(val_rows) else {}
         record({'iter': it, 'eval': ev})
-        # act_mean: each latent's mean activation when it fires (raw units), steer.py's unit
-        info.update(iters=it, tokens=it * gb, eval=ev, train_seconds=round(time.time() - t0, 1),
-                    act_mean=[float(f'{a:.4g}') for a in act_mean.tolist()])
+        info.update(iters=it, tokens=it * gb, eval=ev, train_seconds=round(time.time() - t0, 1))
         save_sae(sae, scale, out_dir, info)
         log(f"saved {out_dir}/sae_weights.safetensors: fvu {ev.get('fvu', float('nan')):.4f}, "
             f"l0 {ev.get('l0', 0):.1f}, dead {100 * ev.get('dead_frac', 0):.2f}%, "

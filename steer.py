@@ -11,9 +11,10 @@ $ python steer.py --explain=50                          # explain and score 50 l
 $ python steer.py --explain=50 --explainer=path/to/model.gguf      # a local instruct model
 $ python steer.py --explain=50 --explainer=http://localhost:11434/v1 --explainer_model=llama3.1:8b
 """
-import os, re, sys, copy, json, math, time, inspect, hashlib, functools, itertools, threading
+import os, re, sys, json, math, time, hashlib, functools, itertools, threading
 import urllib.request, urllib.error
 from collections import Counter
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
 os.environ.update({'TQDM_DISABLE': '1', 'HF_HUB_VERBOSITY': 'error', **os.environ})
@@ -29,10 +30,12 @@ from capture import load_model, blocks, read_docs, contexts, pad, run_to_layer, 
 sae_path = 'out/smollm2-l15'  # a folder written by sae.py
 evaluate = False         # CE clean / spliced / ablated, loss recovered, KL -> eval.json
 data = ''                # evaluation text (.txt, folder of .txt, .jsonl); '': unseen articles
-eval_tokens = 20_000     # tokens of evaluation text
+eval_tokens = 10_000     # tokens of evaluation text
 probe = False            # k-sparse probes on the capture's document labels -> eval.json
 explain = 0              # explain and score this many latents, chosen with the seed -> interp.json
-latents = ''             # or explain these, e.g. '3,17,42'
+verify = 0               # verify this many latents by steering them (the same draw) -> verify.json
+latents = ''             # these latents instead of a draw, e.g. '3,17,42' (alone: explain them)
+strengths = '0.2,0.3,0.4,0.5'  # verify: the strengths, in --strength's unit (0 is added)
 explainer = ''           # an instruct model: HF id, folder, .gguf file, or an OpenAI-compatible
                          # URL (http://host/v1); '': the SAE's own model
 explainer_model = ''     # the model an endpoint serves, e.g. 'llama3.1:8b' (Ollama)
@@ -44,7 +47,8 @@ browse_latents = 0       # live latents in the dashboard, lowest index first (0:
 n_examples = 8           # top-activating examples per latent (plus 2 per quintile)
 prompt = ''              # inspect (alone) or steer (with --latent)
 latent = -1              # the latent to steer
-strength = 4.0           # add: multiples of the latent's mean activation; clamp: the value
+strength = 0.5           # add, clamp: in units of the residual stream's median norm at the
+                         # layer (clamp: the latent's value)
 mode = 'add'             # 'add', 'clamp' or 'ablate'
 max_new_tokens = 40
 temperature = 0.7        # 0: greedy
@@ -58,6 +62,7 @@ config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # the valid values of each key (sae.configure checks them); latent is checked against the SAE
 rules = {'eval_tokens': 'v >= 1', 'explain': 'v >= 0', 'requests_in_flight': 'v >= 1',
+         'verify': 'v >= 0',
          'timeout': 'v > 0', 'browse_latents': 'v >= 0', 'n_examples': 'v >= 1',
          'latent': 'v >= -1', 'mode': ('add', 'clamp', 'ablate'), 'max_new_tokens': 'v >= 1',
          'temperature': 'v >= 0', 'seed': 'v >= 0', 'top_latents': 'v >= 1', 'batch_size': 'v >= 1',
@@ -90,16 +95,17 @@ def sae_fn(sae, error=False):
 
 # add: h + value * d_i; clamp: h + (value - f_i(h)) * d_i, which keeps the SAE's error term
 # (replacing h by the reconstruction would add the error to every steered run); ablate: clamp 0.
+# (attach writes the result back into h, in h's dtype.)
 def steer_fn(sae, i, value, mode):
     d_i = sae.W_dec[i]
 
     def fn(h):
         if mode == 'add':
-            return (h + value * d_i).to(h.dtype)
+            return h + value * d_i
         # f_i(h): latent i's activation, 0 where it is not in the top k
         vals, idx = sae.encode(h.reshape(-1, h.shape[-1]).float())
         f_i = (vals * (idx == i)).sum(-1).view(*h.shape[:-1], 1)
-        return (h + ((value if mode == 'clamp' else 0) - f_i) * d_i).to(h.dtype)
+        return h + ((value if mode == 'clamp' else 0) - f_i) * d_i
     return fn
 
 # -----------------------------------------------------------------------------
@@ -437,23 +443,24 @@ def examples(i, codes, cap, tok, rng, names):
     # negatives from the same topic test the explanation, not the topic's vocabulary
     labels = cap['row_label'][train]
     topic = int(np.bincount(labels[labels >= 0]).argmax()) if (labels >= 0).any() else -1
-    # negatives: windows of test rows where the latent is 0 on every token
+    # negatives: windows of test rows where the latent is 0 on every token, truth 0 for the
+    # topic's and -1 for the random ones
     pool, negs = np.nonzero(is_test(cap['row_doc']))[0], []
-    for rows, m in ((pool[cap['row_label'][pool] == topic], 10), (pool, 20)):
+    for kind, rows, m in ((0, pool[cap['row_label'][pool] == topic], 10), (-1, pool, 20)):
         for s in rng.choice(rows, min(len(rows), 40 * m), replace=False):
             if len(negs) == m:
                 break
             if not on(window(s, cap)).any():
-                negs.append(s)
+                negs.append((s, kind))
     # the token baseline: the tokens at the peaks that make up 10% of them or more (at most 3),
     # and at least the most common one
     count = Counter(tok.decode([int(t)]).strip() for t in cap['tokens'][train])
     common = [t for j, (t, c) in enumerate(count.most_common(3)) if j == 0 or c >= 0.1 * len(train)]
     # the scorer's texts: positives then negatives (the truth says which), all unmarked
-    scored = np.concatenate([pos, negs]).astype(int)
+    scored = np.concatenate([pos, [s for s, _ in negs]]).astype(int)
     return {'snippets': [show(window(s, cap), tok, cap, on(window(s, cap)), mark) for s in shown],
             'texts': [show(window(s, cap), tok, cap) for s in scored],
-            'truth': [1] * len(pos) + [0] * len(negs),
+            'truth': [1] * len(pos) + [kind for _, kind in negs],
             'token': 'the token' + 's' * (len(common) > 1) + ' ' +
                      ', '.join(f"'{t}'" for t in common),
             # for interp.json: where the texts come from
@@ -463,7 +470,7 @@ def examples(i, codes, cap, tok, rng, names):
                       'explain_rows': shown.tolist(), 'score_rows': scored.tolist()}}
 
 # Every model call's answer, keyed by a hash of its request: a dict, and the same answers as JSON
-# lines appended to interp_cache.jsonl as they come (the file is returned open for that). A killed
+# lines appended to cache.jsonl as they come (the file is returned open for that). A killed
 # run resumes without asking again; a rerun is exact and free; a line cut by a kill is skipped.
 def load_cache(path):
     cache = {}
@@ -494,8 +501,7 @@ def cached(cache, log, request, ask):
 
 # A local instruct model as the explainer: chat(messages, max_tokens) -> its greedy answer, and
 # judge(explanation, texts) -> P(yes) per text, read off the next-token logits after each
-# DETECT_ONE prompt (no parsing: 'yes' against 'no'). Every prompt of one explanation starts with
-# the same tokens: those are computed once, and the rest of each runs batched on their KV cache.
+# DETECT_ONE prompt (no parsing: 'yes' against 'no'), batch_size prompts at a time.
 def local_backend(name, lm, tok, cache, log, batch_size):
     if not tok.chat_template:
         raise SystemExit(f"--explainer={name} has no chat template: pass an instruct (chat) "
@@ -506,8 +512,6 @@ def local_backend(name, lm, tok, cache, log, batch_size):
         return [t[0] for t in found if len(t) == 1]
     yes, no = ids('yes', 'Yes', ' yes', ' Yes'), ids('no', 'No', ' no', ' No')
     dev = next(lm.parameters()).device
-    # transformers 5 calls the KV cache `cache` (in and out), 4.x `past_key_values`
-    kv_name = 'cache' if 'cache' in inspect.signature(lm.forward).parameters else 'past_key_values'
 
     # the text a chat model reads for a conversation, up to where its answer starts
     def prompt(messages):
@@ -529,27 +533,18 @@ def local_backend(name, lm, tok, cache, log, batch_size):
     def judge(explanation, texts):
         asks = {t: {'model': name, 'p_yes': prompt([{'role': 'user', 'content': DETECT_ONE.format(
             explanation=explanation, text=t)}])} for t in texts}
-        # only the texts not answered yet reach the model
+        # only the texts not answered yet reach the model, each prompt tokenized whole (as it would
+        # be alone) and right-padded in a batch: its logits at its last token
         todo, p = [t for t in asks if cache_key(asks[t]) not in cache], {}
-        # each prompt tokenized whole, as it would be alone; the tokens they all start with (the
-        # explanation's part) go through the model once, and each keeps one token of its own
-        xs = [tok(asks[t]['p_yes'], add_special_tokens=False).input_ids for t in todo]
-        P = min([len(os.path.commonprefix(xs))] + [len(x) - 1 for x in xs])
-        if todo:
-            head = torch.tensor([xs[0][:P]], device=dev)
-            kv = getattr(lm(input_ids=head, use_cache=True), kv_name)
         for j in range(0, len(todo), batch_size):
-            # the rest of each prompt right-padded after the head: its logits at its last token
-            rest = [np.array(x[P:]) for x in xs[j:j + batch_size]]
+            rest = [np.array(tok(asks[t]['p_yes'], add_special_tokens=False).input_ids)
+                    for t in todo[j:j + batch_size]]
             ids, mask = pad(rest, dev)
-            past = copy.deepcopy(kv)
-            past.batch_repeat_interleave(len(rest))
-            mask = torch.cat([torch.ones_like(head).expand(len(rest), -1), mask], 1)
             # logits only from the shortest row's last token on (the unembedding is a fifth of a
             # small model's compute): row r's last token is then at len(r) - 1 - start
             start = min(map(len, rest)) - 1
-            logits = lm(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - start,
-                        **{kv_name: past}).logits
+            logits = lm(input_ids=ids, attention_mask=mask,
+                        logits_to_keep=ids.shape[1] - start).logits
             last = logits[torch.arange(len(rest)), [len(r) - 1 - start for r in rest]]
             logp = last.float().log_softmax(-1)
             # P(yes) / (P(yes) + P(no)), each summed over its spellings
@@ -632,28 +627,33 @@ def http_backend(url, model, key_env, cache, log, timeout):
 # accuracy with the median P(yes) of these texts as the cut (chosen without the truth). With 0/1
 # answers (an endpoint): balanced accuracy. Answers that did not parse (None) are counted.
 def detection(p, truth, probabilities):
-    pos = [q for q, t in zip(p, truth) if t and q is not None]
-    neg = [q for q, t in zip(p, truth) if not t and q is not None]
+    # the answers that parsed, by truth: 1 a positive, 0 a negative of the latent's topic, -1 a
+    # random one
+    got = {t: [q for q, u in zip(p, truth) if u == t and q is not None] for t in (1, 0, -1)}
+    pos, neg = got[1], got[0] + got[-1]
     out = {'balanced_accuracy': None, 'failed': sum(q is None for q in p)}
     cut = float(np.median(pos + neg)) if probabilities and pos and neg else 0.5
     # the mean of the two recalls: 0.5 for any constant answer, whatever the mix
     if pos and neg:
         tpr, tnr = np.mean([q > cut for q in pos]), np.mean([q <= cut for q in neg])
         out['balanced_accuracy'] = round(float(tpr + tnr) / 2, 4)
-    # the chance that a positive gets a higher P(yes) than a negative (ties: half)
-    if pos and neg and probabilities:
-        wins = [(a > b) + 0.5 * (a == b) for a in pos for b in neg]
-        out['auroc'] = round(float(np.mean(wins)), 4)
+    # the chance that a positive gets a higher P(yes) than a negative (ties: half): against all
+    # of them, and against each kind (a broad explanation may tell the latent's texts from random
+    # text but not from its topic's)
+    for key, ns in (('auroc', neg), ('auroc_topic', got[0]), ('auroc_random', got[-1])):
+        if pos and ns and probabilities:
+            out[key] = round(float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in ns])), 4)
     return out
 
 # The numbers over latents of one kind of explanation: mean and spread of balanced accuracy, the
 # share at 0.7 or more, the mean AUROC (None without P(yes)), how many answers failed to parse.
 def summarize(scores):
     acc = [s['balanced_accuracy'] for s in scores if s['balanced_accuracy'] is not None]
-    auroc = [s['auroc'] for s in scores if 'auroc' in s]
     # rounded to 4 places; None where no latent has a number
     r4 = lambda xs, f=np.mean: round(float(f(xs)), 4) if xs else None
-    return {'mean': r4(acc), 'sd': r4(acc, np.std), 'auroc_mean': r4(auroc),
+    auroc = {f'{k}_mean': r4([s[k] for s in scores if k in s])
+             for k in ('auroc', 'auroc_topic', 'auroc_random')}
+    return {'mean': r4(acc), 'sd': r4(acc, np.std), **auroc,
             'share_at_least_0.7': r4([x >= 0.7 for x in acc]), 'latents': len(acc),
             'failed_answers': sum(s['failed'] for s in scores)}
 
@@ -667,22 +667,25 @@ def parallel(fn, items, workers, stage):
     finally:
         pool.shutdown(cancel_futures=True)
 
-# Explain latents and score the explanations: the LLM's, the token baseline and a random one (the
-# next latent's, in a ring), each by detection on the same test texts. Returns interp.json.
-def interpret(sae, meta, cap, codes, tok, backend, n_explain, which, seed):
-    chat, judge, probabilities, workers = backend
-    # the latents that can be explained and scored: enough contexts on both sides
-    n_train, n_test = context_counts(codes, cap, sae.W_dec.shape[0])
+# The latents to explain or verify: `which` when named, else `count` drawn uniformly, with the seed,
+# among those that fire in enough contexts on both sides of the document split (a choice by density
+# or by score would bias the means). The draws nest: the first of a larger draw are a smaller one.
+def choose(codes, cap, n, count, which, seed, key):
+    n_train, n_test = context_counts(codes, cap, n)
     ok = np.nonzero((n_train >= MIN_EXPLAIN) & (n_test >= MIN_SCORE))[0]
     enough = (f"this SAE has {len(ok)} latents that fire in {MIN_EXPLAIN}+ contexts of the "
               f"explain documents and {MIN_SCORE}+ of the test ones")
     bad = [i for i in which if i not in set(ok.tolist())]
     if bad:
         raise SystemExit(f"--latents: {bad[0]} cannot be explained and scored: {enough}")
-    if not which and n_explain > len(ok):
-        raise SystemExit(f"--explain={n_explain} is more than {enough}: pass at most {len(ok)}")
-    # uniformly among those, with the seed: a choice by density or by score would bias the mean
-    chosen = which or sorted(np.random.default_rng(seed).choice(ok, n_explain, replace=False))
+    if not which and count > len(ok):
+        raise SystemExit(f"--{key}={count} is more than {enough}: pass at most {len(ok)}")
+    return which or sorted(ok[np.random.default_rng(seed).permutation(len(ok))[:count]].tolist())
+
+# Explain latents and score the explanations: the LLM's, the token baseline and a random one (the
+# next latent's, in a ring), each by detection on the same test texts. Returns interp.json.
+def interpret(sae, meta, cap, codes, tok, backend, chosen, seed):
+    chat, judge, probabilities, workers = backend
     # the clock for seconds_per_latent starts after the model load and the encoding
     t0 = time.time()
     # each latent's examples with its own generator: the same latent gets the same examples
@@ -729,6 +732,74 @@ def interpret(sae, meta, cap, codes, tok, backend, n_explain, which, seed):
             'balanced_accuracy_cut': 'the median P(yes) of the latent\'s texts' if probabilities
             else '0.5', 'prompt_version': PROMPT_VERSION,
             'seconds_per_latent': round((time.time() - t0) / len(chosen), 2)}
+
+# -----------------------------------------------------------------------------
+# verify (--verify) -> verify.json
+
+# The rule (README, "Verify by steering", says why): a strength is allowed when the clean model
+# finds the new tokens at most FLUENCY nats per token less likely than the unsteered ones; chosen
+# on the even prompts, it is the allowed strength whose re-detection rises most above the
+# control's; the latent is verified when that lift, on the odd prompts, exceeds MARGIN. The prompts:
+# the first PROMPT_TOKENS tokens of PROMPTS unseen articles, continued by NEW_TOKENS tokens.
+FLUENCY, MARGIN, PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 1.0, 0.05, 8, 8, 24
+
+# The unit of --strength: the median norm of the residual stream at the SAE's block, as sae.py
+# measured it (in a file that predates that, its sink cut over the cut's factor). A push of a given
+# norm costs fluency whatever its direction (README, "Verify by steering"), so one unit for all
+# latents gives each the same budget.
+def strength_unit(info):
+    return info.get('median_norm') or info['max_norm'] / info['config']['sink_norm']
+
+# Latent i pushed on the prompts (P, L): its decoder row times each strength (times `unit`) added
+# at the block from position `skip` on, and a random direction of the same norm at the same
+# strengths (the control, drawn per latent from the seed), greedy, n new tokens, P * (2S - 1)
+# continuations in one batch. Per strength, for the latent and the control, over all prompts:
+# re-detection (the share of new tokens on which the SAE, reading the clean model, finds the
+# latent), the latent's mean value there, the output score (the probability the steered model
+# puts on the latent's `top` promoted tokens) and the clean model's NLL per new token. Then the
+# rule's strength and lift; with an explanation, how well the explainer's judge (`backend`) tells
+# by it the texts steered at that strength from the unsteered ones.
+@torch.no_grad()
+def verify_latent(lm, tok, block, sae, i, prompts, strengths, unit, skip, seed, explanation,
+                  backend):
+    P, S, n = len(prompts), len(strengths), NEW_TOKENS
+    rand = torch.randn(sae.W_dec.shape[1], generator=torch.Generator().manual_seed(seed + i))
+    # the rows: the latent at each strength (0: unsteered), then the control at the others
+    dirs = torch.stack([sae.W_dec[i]] * S + [rand.to(sae.W_dec) / rand.norm()] * (S - 1))
+    vecs = dirs * dirs.new_tensor(strengths + strengths[1:])[:, None] * unit
+    handle = attach(block, lambda h: h + vecs.repeat_interleave(P, 0)[:, None], skip)
+    try:
+        # no stop at an end token: every row gets n new tokens
+        out = lm.generate(prompts.repeat(2 * S - 1, 1), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    seqs, h = out.sequences, []
+    texts = tok.batch_decode(seqs[:, -n:])
+    # the clean model reads every row back: latent i through the SAE at the block, and the NLL
+    handle = block.register_forward_hook(lambda m, a, o: h.append(hidden(o)))
+    logp = lm(input_ids=seqs, logits_to_keep=n + 1).logits[:, :-1].float().log_softmax(-1)
+    handle.remove()
+    vals, idx = sae.encode(h[0][:, -n:].flatten(0, 1).float())
+    act = (vals * (idx == i)).sum(1).view(-1, n)
+    top = logit_effects(lm, sae, [i])[0][0]
+    x = torch.stack([act > 0, act, torch.stack(out.logits, 1).float().softmax(-1)[..., top].sum(-1),
+                     -logp.gather(2, seqs[:, -n:, None])[..., 0]], 2)
+    # (2S - 1, P, 4): each row's means over its new tokens; the control's row at 0 is the latent's
+    x = x.float().mean(1).view(2 * S - 1, P, 4)
+    lat, ctl = x[:S], torch.cat([x[:1], x[S:]])
+    # per strength and prompt: the lift in re-detection over the control, the fluency cost
+    lift, cost = lat[..., 0] - ctl[..., 0], lat[..., 3] - lat[:1, :, 3]
+    j = int(torch.where(cost[:, 0::2].mean(1) <= FLUENCY, lift[:, 0::2].mean(1), -1).argmax())
+    r4 = lambda t: t.round(decimals=4).tolist()
+    r = {'latent': r4(lat.mean(1)), 'control': r4(ctl.mean(1)), 'chosen': strengths[j],
+         'lift': r4(lift[j, 1::2].mean()), 'fluency_cost': r4(cost[j, 1::2].mean()),
+         'samples': texts[:S * P:P]}
+    r['verified'] = r['lift'] > MARGIN
+    if explanation and j:
+        r['judge'] = detection(backend[1](explanation, texts[j * P:(j + 1) * P] + texts[:P]),
+                               [1] * P + [0] * P, backend[2])
+    return r
 
 # -----------------------------------------------------------------------------
 # dashboard (--browse) -> browser.html, browser.json
@@ -819,23 +890,24 @@ def dashboard(lm, tok, sae, info, folder, cap, codes, n_show, E, R=10, Q=5):
                       'promotes': [vocab.setdefault(t, len(vocab)) for t in up[j]],
                       'suppresses': [vocab.setdefault(t, len(vocab)) for t in down[j]]})
     # training's validation curve (metrics.jsonl's eval lines: FVU and dead against tokens seen)
-    path = os.path.join(folder, 'metrics.jsonl')
-    logged = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    path = folder / 'metrics.jsonl'
+    logged = [json.loads(line) for line in open(path)] if path.exists() else []
     # everything the page shows, and browser.json for programs: the SAE's numbers from training
     # and eval.json, and what --explain wrote, as they are (the page picks from them)
     data = {'model': info['model'], 'hook': info['hook'], 'n_latents': n, 'k': sae.k,
             'arch': sae.arch, 'ends': sae.ends, 'dead': int((count == 0).sum()),
-            'eval': {**info.get('eval', {}), **read_json(os.path.join(folder, 'eval.json'))},
+            'eval': {**info.get('eval', {}), **read_json(folder / 'eval.json')},
             'curve': [r['eval'] for r in logged if 'eval' in r],
-            'interp': read_json(os.path.join(folder, 'interp.json')),
+            'interp': read_json(folder / 'interp.json'),
+            'verify': read_json(folder / 'verify.json'),
             'vocab': [tok.decode([t]) for t in vocab],
             'config': {'sae': info['config'], 'capture': info['capture']['config']},
             'latents': cards}
     text = json.dumps(data, separators=(',', ':'))
     # '</' inside a script element would end it early
     page = PAGE.replace('DATA', text.replace('</', '<\\/'))
-    write_file(os.path.join(folder, 'browser.html'), page)
-    write_file(os.path.join(folder, 'browser.json'), text)
+    write_file(folder / 'browser.html', page)
+    write_file(folder / 'browser.json', text)
     print(f"wrote {folder}/browser.html ({len(text) / 1e6:.1f} MB of data) and browser.json: "
           f"{len(cards)} live latents of {n}")
 
@@ -851,8 +923,8 @@ svg { display: block; margin: .3em 0 1em }
 <h1 id="title"></h1><div id="overview"></div>
 <nav>latent <input id="jump" type="number"> <button id="prev">&lt;</button>
 <button id="next">&gt;</button> sort by <select id="sort"><option>index</option>
-<option>density</option><option>score</option></select> <input id="q" placeholder="filter">
-<span id="shown"></span></nav>
+<option>density</option><option>score</option><option>lift</option></select>
+<input id="q" placeholder="filter"> <span id="shown"></span></nav>
 <div id="main"><ol id="list"></ol><div id="card"></div></div>
 <script type="application/json" id="data">DATA</script>
 <script>
@@ -868,12 +940,15 @@ function bars(counts, left, right, w = 420, h = 80) {
     height="${h * c / top}" fill="#c60"/>`).join('') + `<text y="${h + 12}">${left}</text>` +
     `<text x="${w}" y="${h + 12}" text-anchor="end">${right}</text></svg>`
 }
-// a curve of ys against xs, scaled to its own range
-function curve(name, xs, ys, w = 300, h = 60) {
-  const lo = Math.min(...ys), hi = Math.max(...ys), xm = Math.max(...xs)
-  const p = xs.map((x, j) => `${w * x / xm},${h - h * (ys[j] - lo) / (hi - lo || 1)}`)
-  return `<p>${name}, last ${ys.at(-1).toPrecision(3)}</p><svg width="${w}" height="${h}">` +
-    `<polyline fill="none" stroke="#c60" points="${p}"/></svg>`
+// lines of ys against xs on one scale, the first orange and a second (a control) grey; the y
+// range in the title, the x ends labelled below
+function chart(name, xs, series, left, right, w = 300, h = 60) {
+  const all = series.flat(), lo = Math.min(...all), hi = Math.max(...all), xm = Math.max(...xs)
+  return `<p>${name}: ${+lo.toPrecision(3)} to ${+hi.toPrecision(3)}</p><svg width="${w}" ` +
+    `height="${h + 14}">` + series.map((ys, s) => `<polyline fill="none" stroke="${['#c60',
+    '#999'][s]}" points="${xs.map((x, j) => `${w * x / xm},${h - h * (ys[j] - lo) /
+    (hi - lo || 1)}`)}"/>`).join('') + `<text y="${h + 12}">${left}</text><text x="${w}" ` +
+    `y="${h + 12}" text-anchor="end">${right}</text></svg>`
 }
 // an example: every token shaded by the latent's activation on it, the firing token outlined
 const example = ([ids, acts, at, value]) => '<div class="ex">' + ids.map((t, j) =>
@@ -884,21 +959,56 @@ const example = ([ids, acts, at, value]) => '<div class="ex">' + ids.map((t, j) 
 const expl = i => (D.interp.latents || {})[i] || {}
 const score = (i, k = 'llm') => { const s = (expl(i).scores || {})[k]
   return s ? s.auroc ?? s.balanced_accuracy : null }
-// the SAE as a whole: its numbers, its validation curves, its latents' densities (log10, in
-// quarter decades from 1e-7)
+// a latent's verification by steering (verify.json), if --verify ran on it
+const verified = i => (D.verify.latents || {})[i]
+// the SAE as a whole, at a glance: its numbers in groups with their units (what a stage did not
+// compute is left out), the validation curves, its latents' densities (log10, in quarter decades
+// from 1e-7), the config
 function drawOverview() {
   title.textContent = `${D.model}, ${D.hook}: ${D.n_latents} latents, ${D.arch}, k=${D.k}`
-  const det = Object.entries(D.interp.summary || {}).map(([k, s]) => ['detection_' + k,
-    s.auroc_mean ?? s.mean])
-  const hist = new Array(28).fill(0)
-  for (const l of D.latents) hist[Math.min(27, Math.floor((Math.log10(l.density) + 7) * 4))]++
+  const E = D.eval, V = D.verify.summary || {}, det = D.interp.summary || {}, pct = x => 100 * x
+  const groups = {'reconstruction, validation rows': [['FVU', E.fvu], ['dead latents', E
+    .dead_frac, '%', pct]], 'the model with the SAE spliced in, unseen text': [['loss recovered' +
+    ' (against zero-ablation)', E.loss_recovered_pct, '%'], ['loss recovered (against mean-' +
+    'ablation)', E.loss_recovered_vs_mean_pct, '%'], ['CE increase', E.delta_ce, 'nats/token'],
+    ['KL(clean || spliced)', E.kl, 'nats/token'], ['CE clean', E.ce_clean, 'nats/token']],
+    'sparsity': [['L0 in training (validation)', E.l0, 'latents/token'], ['L0 at inference',
+    E.l0_inference, 'latents/token'], ['never fired in the capture', D.dead, 'latents']],
+    'probes, test documents (chance 0.5)': [1, 5].flatMap(k => [[`top-${k} SAE latents`,
+    E[`probe_sae_top${k}`], 'accuracy'], [`top-${k} residual dimensions`,
+    E[`probe_residual_top${k}`], 'accuracy']]).concat([['all residual dimensions',
+    E.probe_residual_full, 'accuracy']]), 'interpretation': Object.entries(det).map(([k, s]) =>
+    [`detection, ${k} explanations`, s.auroc_mean ?? s.mean, 'AUROC or balanced accuracy'])
+    .concat([['verified by steering', V.verified / V.latents, `% of ${V.latents}`, pct],
+    ['median lift in re-detection over a random direction', V.median_lift, 'share of tokens'],
+    ['median fluency cost', V.median_fluency_cost, 'nats/token']])}
   const tokens = D.curve.map(r => r.tokens)
-  overview.innerHTML = '<table>' + [...Object.entries(D.eval), ['dead_latents', D.dead], ...det]
-    .filter(([k, v]) => typeof v == 'number').map(([k, v]) => `<tr><td>${k}<td>${+v
-    .toPrecision(5)}`).join('') + '</table>' + (tokens.length ? curve('validation FVU', tokens,
-    D.curve.map(r => r.fvu)) + curve('dead %', tokens, D.curve.map(r => 100 * r.dead_frac)) :
-    '') + 'live latents by log10 density' + bars(hist, '1e-7', '1') +
+  overview.innerHTML = '<table>' + Object.entries(groups).map(([g, rows]) =>
+    `<tr><th colspan="3">${g}` + rows.filter(r => r[1] != null && !isNaN(r[1])).map(([k, v, u,
+    f = x => x]) => `<tr><td>${k}<td>${+f(v).toPrecision(4)}<td>${u || ''}`).join('')).join('') +
+    '</table>' + (tokens.length ? chart('FVU on the validation rows', tokens, [D.curve.map(r =>
+    r.fvu)], 0, `${tokens.at(-1)} tokens seen`) : '') + 'live latents by log10 density' +
+    bars(hist(), '1e-7', '1') +
     `<details><summary>config</summary><pre>${esc(JSON.stringify(D.config, null, 1))}</pre>`
+}
+function hist() {
+  const h = new Array(28).fill(0)
+  for (const l of D.latents) h[Math.min(27, Math.floor((Math.log10(l.density) + 7) * 4))]++
+  return h
+}
+// re-detection, output score and NLL against strength, the latent's and the random direction's
+// (verify.json's columns 0, 2, 3), the verdict and a sample per strength
+function drawVerify(i) {
+  const v = verified(i), S = D.verify.settings?.strengths, xs = S?.map((s, j) => j)
+  if (!v) return ''
+  const col = c => [v.latent.map(r => r[c]), v.control.map(r => r[c])]
+  return `<h3 class="verdict">steering: ${v.verified ? 'verified' : 'not verified'}</h3><p>at ` +
+    `x${v.chosen}: re-detection ${v.lift} above the random direction (odd prompts), fluency ` +
+    `cost ${v.fluency_cost} nats per token; orange the latent, grey the random direction</p>` +
+    [['re-detection (share of new tokens)', 0], ['output score (probability on its promoted ' +
+    'tokens)', 2], ['NLL per new token, clean model', 3]].map(([name, c]) => chart(name, xs,
+    col(c), 'x0', `x${S.at(-1)}`)).join('') + '<ol class="samples">' + v.samples.map((t, j) =>
+    `<li>x${S[j]}: <span class="ex">${esc(t)}</span>`).join('') + '</ol>'
 }
 // a latent's card: density, histogram of its activations, examples, explanation, logit effects
 function drawCard(i) {
@@ -916,7 +1026,7 @@ function drawCard(i) {
     : `<p>explanation: <b class="expl">${esc(expl(i).explanation)}</b><br>detection, AUROC or ` +
     `balanced accuracy (chance 0.5): <span class="score">${score(i)}</span> (token baseline ` +
     `${score(i, 'token')}, random explanation ${score(i, 'random')})</p>`) +
-    'nonzero activations, log scale' +
+    drawVerify(i) + 'nonzero activations, log scale' +
     bars(l.hist[1], edge(l.hist[0]), edge(l.hist[0] + l.hist[1].length)) +
     '<h3>top activations</h3>' + l.top.map(example).join('') + l.quant.map((exs, q) =>
     exs.length ? `<h3>quantile ${q + 1}</h3>` + exs.map(example).join('') : '').join('') +
@@ -927,12 +1037,13 @@ for (const l of D.latents) l.text = l.top.concat(...l.quant).map(e => e[0].map(t
   D.vocab[t]).join('')).join(' ').toLowerCase()
 let order = []
 function drawList() {
-  const key = {index: l => l.i, density: l => -l.density, score: l => -(score(l.i) ?? -1)}[
-    sort.value]
+  const key = {index: l => l.i, density: l => -l.density, score: l => -(score(l.i) ?? -1),
+    lift: l => -(verified(l.i)?.lift ?? -1)}[sort.value]
   order = D.latents.filter(l => l.text.includes(q.value.toLowerCase()))
     .sort((a, b) => key(a) - key(b)).map(l => l.i)
   list.innerHTML = order.map(i => `<li><a href="#${i}">${i}</a> ` +
-    (100 * byId.get(i).density).toPrecision(2) + '% ' + (score(i) ?? '')).join('')
+    (100 * byId.get(i).density).toPrecision(2) + '% ' + (score(i) ?? '') + ' ' +
+    (verified(i)?.lift ?? '')).join('')
   shown.textContent = `${order.length} of ${D.latents.length} live latents`
 }
 const show = () => drawCard(location.hash.length > 1 ? +location.hash.slice(1) : order[0])
@@ -973,20 +1084,34 @@ if __name__ == '__main__':
         raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
                          f"0..{n - 1}, e.g. --latents=3,17,42")
     which = [int(s) for s in which]
+    # alone, --latents explains them
+    explain = explain or bool(which and not verify)
+    # --strengths: numbers >= 0, one at least above 0; 0 (unsteered) is always in
+    ok = re.fullmatch(r'(\d*\.?\d+,)*\d*\.?\d+', strengths)
+    grid = sorted({0.0, *map(float, strengths.split(','))}) if ok else []
+    if len(grid) < 2:
+        raise SystemExit(f"--strengths={strengths}: valid is a comma-separated list of numbers "
+                         f">= 0, one at least above 0 (0, unsteered, is added), e.g. "
+                         f"--strengths=2,4,8,16")
     # no task named: evaluate and browse, and probe when the capture has labels
-    default = not (evaluate or browse or prompt or probe or explain or which)
+    default = not (evaluate or browse or prompt or probe or explain or verify)
     evaluate, browse = evaluate or default, browse or default
     # the capture, for the stages that read it: checked before the model loads
-    cap_dir = info['data_dir']
-    meta = check_capture(cap_dir, info) if probe or explain or which or browse else None
+    cap_dir = Path(info['data_dir'])
+    meta = check_capture(cap_dir, info) if probe or explain or verify or browse else None
     probe = probe or default and bool(meta['labels'])
     if probe and not meta['labels']:
         raise SystemExit(f"--probe needs document labels, and '{cap_dir}' has none: capture a "
                          f".jsonl whose lines carry a \"label\" (a class per document), or "
                          f"the default --data=wiki (topics)")
+    # evaluate and verify on text the SAE never saw: the default corpus never captures every 50th
+    # article; other text needs --data
+    if (evaluate or verify) and not data and info['capture']['corpus'] != 'wiki':
+        raise SystemExit("--data= is needed: text the SAE did not train on (.txt, folder, "
+                         ".jsonl)")
     # outputs go beside the SAE's file, and a run that writes them holds the folder (a second one
     # refuses, as with capture.py and sae.py); --prompt only reads, and runs beside it
-    folder = sae_path if os.path.isdir(sae_path) else os.path.dirname(os.path.abspath(sae_path))
+    folder = Path(sae_path) if os.path.isdir(sae_path) else Path(sae_path).parent
     if evaluate or meta:
         lock_file = lock(folder, 'copy the folder and pass --sae_path=<the copy>')
     # the model by the name stored in the SAE (an HF id, a local folder or a GGUF file)
@@ -1001,19 +1126,16 @@ if __name__ == '__main__':
     # the positions the capture excluded are never changed nor scored
     skip = int(info['capture']['config']['exclude_first'])
     # eval.json: each stage adds its numbers to what the others wrote
-    ev_path = os.path.join(folder, 'eval.json')
+    ev_path = folder / 'eval.json'
     ev = read_json(ev_path)
+    unseen = (read_docs(data) if data else read_docs('wiki', 'unseen'))[0] if evaluate or verify \
+        else []
 
     # -------------------------------------------------------------------------
     # evaluate on text the SAE never saw: the default corpus's unseen articles, or --data
     if evaluate:
-        # the default corpus never captures every 50th article; other text needs --data
-        if not data and info['capture']['corpus'] != 'wiki':
-            raise SystemExit("--data= is needed: text the SAE did not train on (.txt, folder, "
-                             ".jsonl)")
         # the same contexts as capture cuts, so the same positions are skipped
-        docs, _ = read_docs(data) if data else read_docs('wiki', 'unseen')
-        ctxs, _ = contexts(tok, docs, info['ctx_len'], eval_tokens, skip)
+        ctxs, _ = contexts(tok, unseen, info['ctx_len'], eval_tokens, skip)
         r = evaluate_lm(lm, block, sae, ctxs, skip, batch_size, device)
         print('\n'.join(f"{key:28s} {v:.4f}" for key, v in r.items()))
         ev.update(r)
@@ -1023,7 +1145,7 @@ if __name__ == '__main__':
     # codes: every row of the capture encoded once, for all that follows
     if meta:
         t0 = time.time()
-        codes = encode_all(sae, os.path.join(cap_dir, 'acts.npy'), dtype)
+        codes = encode_all(sae, cap_dir / 'acts.npy', dtype)
         cap = read_capture(cap_dir)
         # L0 at inference: batchtopk and matryoshka keep what is above theta, not exactly k
         ev['l0_inference'] = round(len(codes[0]) / meta['N'], 2)
@@ -1033,7 +1155,7 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # probe: a capture too small for any class (a few thousand tokens) has nothing to report
     if probe:
-        r = probe_capture(sae, meta, cap, codes, os.path.join(cap_dir, 'acts.npy'))
+        r = probe_capture(sae, meta, cap, codes, cap_dir / 'acts.npy')
         ev.update(r)
         if not r['probe_classes']:
             print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
@@ -1043,20 +1165,20 @@ if __name__ == '__main__':
         for k in (1, 2, 5, 10):
             print(f"  top-{k:<2d} SAE {r[f'probe_sae_top{k}']:.3f} | residual "
                   f"{r[f'probe_residual_top{k}']:.3f}")
-        print(f"  full residual {r['probe_residual_full']:.3f}")
-        for name, b in r['probe_best_latent'].items():
-            print(f"  {name:30s} latent {b['latent']:6d} {b['accuracy']:.3f}")
+        print(f"  full residual {r['probe_residual_full']:.3f} (each class's best latent: "
+              f"eval.json)")
     if meta:
         write_file(ev_path, ev)
 
     # -------------------------------------------------------------------------
-    # explain: the explainer is a local model (the SAE's own by default) or an endpoint
-    if explain or which:
-        name = explainer or info['model']
-        # every answer of every explainer, beside the SAE: its key holds the model's name
-        path = os.path.join(folder, 'interp_cache.jsonl')
-        cache, log = load_cache(path)
-        # an endpoint, or a local model: the same two functions, chat and judge
+    # every answer of every explainer, and every verified latent, cached beside the SAE (the keys
+    # hold the model's name)
+    if explain or verify:
+        cache, log = load_cache(folder / 'cache.jsonl')
+        name, backend = explainer or info['model'], None
+    # the explainer, for explain and for verify's judge (of the explanations interp.json has): a
+    # local model (the SAE's own by default) or an endpoint, with the same two functions
+    if explain or verify and (folder / 'interp.json').exists():
         if name.startswith(('http://', 'https://')):
             if not explainer_model:
                 raise SystemExit(f"--explainer={name} is an endpoint: name the model it serves "
@@ -1069,18 +1191,55 @@ if __name__ == '__main__':
             xlm, xtok = (lm, tok) if name == info['model'] else load_model(name, device, dtype)
             # one call at a time: a forward pass already uses every core
             backend = (*local_backend(name, xlm, xtok, cache, log, batch_size), True, 1)
-        # the SAE's tokenizer decodes the snippets; the explainer tokenizes them again
-        r = interpret(sae, meta, cap, codes, tok, backend, explain, which, seed)
+    # explain: the SAE's tokenizer decodes the snippets; the explainer tokenizes them again
+    if explain:
+        chosen = choose(codes, cap, n, explain, which, seed, 'explain')
+        r = interpret(sae, meta, cap, codes, tok, backend, chosen, seed)
         r.update(explainer=name, explainer_model=explainer_model or None)
-        write_file(os.path.join(folder, 'interp.json'), r)
+        write_file(folder / 'interp.json', r)
         # the headline first: AUROC for a local scorer, balanced accuracy for an endpoint
         for k, s in r['summary'].items():
-            print(f"{k:6s} explanations: AUROC {s['auroc_mean']}, balanced accuracy "
-                  f"{s['mean']} +- {s['sd']} ({s['share_at_least_0.7']} at 0.7+), "
+            print(f"{k:6s} explanations: AUROC {s['auroc_mean']} (topic's negatives "
+                  f"{s['auroc_topic_mean']}, random ones {s['auroc_random_mean']}), balanced "
+                  f"accuracy {s['mean']} +- {s['sd']} ({s['share_at_least_0.7']} at 0.7+), "
                   f"{s['failed_answers']} answers unparsed")
         print(f"{r['failed_explanations']} explanations failed (they repeated the prompt or "
               f"copied a text, twice)")
         print(f"wrote {folder}/interp.json: {r['seconds_per_latent']}s per latent with {name}")
+
+    # -------------------------------------------------------------------------
+    # verify: push each latent and read back what the model writes; verify.json after each one,
+    # keeping what a run with the same settings verified (a killed run continues)
+    if verify:
+        # the prompts: the first tokens of unseen articles, spread over them (an article's start
+        # names its subject, and little else yet)
+        ids = [x[:PROMPT_TOKENS] for x in tok(unseen).input_ids if len(x) >= PROMPT_TOKENS]
+        if len(ids) < PROMPTS:
+            raise SystemExit(f"--verify needs {PROMPTS} unseen documents of {PROMPT_TOKENS}+ "
+                             f"tokens, and --data={data} has {len(ids)}: give it more text")
+        prompts = torch.tensor(ids[::len(ids) // PROMPTS][:PROMPTS], device=device)
+        interp = read_json(folder / 'interp.json').get('latents', {})
+        # each latent's result is cached under these (and its explanation): a rerun with the
+        # same ones asks nothing again, a killed run continues
+        settings = {'prompts': tok.batch_decode(prompts), 'strengths': grid, 'seed': seed,
+                    'new_tokens': NEW_TOKENS, 'fluency': FLUENCY, 'margin': MARGIN,
+                    'judge': name, 'dtype': dtype, 'sae': sae.W_dec.sum().item()}
+        out = {}
+        for i in progress('verify: latents', choose(codes, cap, n, verify, which, seed, 'verify')):
+            e = interp.get(str(i), {}).get('explanation')
+            key = {'verify': settings, 'latent': i, 'explanation': e}
+            v = out[str(i)] = cached(cache, log, key, lambda: verify_latent(
+                lm, tok, block, sae, i, prompts, grid, strength_unit(info), skip, seed, e,
+                backend))
+            print(f"latent {i:6d} | x{v['chosen']:g}: lift {v['lift']:+.3f}, fluency "
+                  f"{v['fluency_cost']:+.2f} nats | verified: {v['verified']}", flush=True)
+        vs = out.values()
+        summary = {'latents': len(vs), 'verified': sum(v['verified'] for v in vs),
+                   **{f'median_{k}': float(np.median([v[k] for v in vs]))
+                      for k in ('lift', 'fluency_cost')}}
+        write_file(folder / 'verify.json',
+                   {'settings': settings, 'latents': out, 'summary': summary})
+        print(f"wrote {folder}/verify.json: {summary}")
 
     # -------------------------------------------------------------------------
     # dashboard
@@ -1101,9 +1260,7 @@ if __name__ == '__main__':
             print(f"{tok.decode([t])!r:>16} {shown}")
     # steer: the same prompt and seed, without and with the hook
     elif prompt:
-        # strength is in units of the latent's mean activation (the median latent's if it is 0)
-        act_mean = [x for x in info.get('act_mean', []) if x > 0]
-        unit = info['act_mean'][latent] or float(np.median(act_mean)) if act_mean else 1.0
+        unit = strength_unit(info)
         # the same seed for both, and a hook on both (the clean one changes nothing): any
         # difference comes from the steering
         outs = []
@@ -1116,6 +1273,6 @@ if __name__ == '__main__':
                               pad_token_id=tok.eos_token_id)
             handle.remove()
             outs.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-        print(f"latent {latent}, {mode} {strength} x {unit:.3g} (its mean activation)\n"
+        print(f"latent {latent}, {mode} {strength} x {unit:.3g} (the residual's median norm)\n"
               f"--- clean ---\n{prompt}{outs[0]}\n--- steered ---\n{prompt}{outs[1]}")
     print(f"steer.py done in {time.time() - t_start:.0f}s")
