@@ -786,7 +786,7 @@ def verify_latent(lm, tok, block, sae, i, prompts, strengths, unit, skip, seed, 
     x = torch.stack([act > 0, act, torch.stack(out.logits, 1).float().softmax(-1)[..., top].sum(-1),
                      -logp.gather(2, seqs[:, -n:, None])[..., 0]], 2)
     # (2S - 1, P, 4): each row's means over its new tokens; the control's row at 0 is the latent's
-    x = x.float().mean(1).view(2 * S - 1, P, 4)
+    x = x.double().mean(1).view(2 * S - 1, P, 4)
     lat, ctl = x[:S], torch.cat([x[:1], x[S:]])
     # per strength and prompt: the lift in re-detection over the control, the fluency cost
     lift, cost = lat[..., 0] - ctl[..., 0], lat[..., 3] - lat[:1, :, 3]
@@ -1136,9 +1136,9 @@ if __name__ == '__main__':
     if evaluate:
         # the same contexts as capture cuts, so the same positions are skipped
         ctxs, _ = contexts(tok, unseen, info['ctx_len'], eval_tokens, skip)
-        r = evaluate_lm(lm, block, sae, ctxs, skip, batch_size, device)
-        print('\n'.join(f"{key:28s} {v:.4f}" for key, v in r.items()))
-        ev.update(r)
+        ce = evaluate_lm(lm, block, sae, ctxs, skip, batch_size, device)
+        print('\n'.join(f"{key:28s} {v:.4f}" for key, v in ce.items()))
+        ev.update(ce)
         write_file(ev_path, ev)
 
     # -------------------------------------------------------------------------
@@ -1155,17 +1155,17 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # probe: a capture too small for any class (a few thousand tokens) has nothing to report
     if probe:
-        r = probe_capture(sae, meta, cap, codes, cap_dir / 'acts.npy')
-        ev.update(r)
-        if not r['probe_classes']:
+        probes = probe_capture(sae, meta, cap, codes, cap_dir / 'acts.npy')
+        ev.update(probes)
+        if not probes['probe_classes']:
             print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
-    if probe and r['probe_classes']:
+    if probe and probes['probe_classes']:
         # one line per k: the SAE's top-k latents against the top-k residual dimensions
-        print(f"k-sparse probes, {r['probe_classes']} classes, test documents:")
+        print(f"k-sparse probes, {probes['probe_classes']} classes, test documents:")
         for k in (1, 2, 5, 10):
-            print(f"  top-{k:<2d} SAE {r[f'probe_sae_top{k}']:.3f} | residual "
-                  f"{r[f'probe_residual_top{k}']:.3f}")
-        print(f"  full residual {r['probe_residual_full']:.3f} (each class's best latent: "
+            print(f"  top-{k:<2d} SAE {probes[f'probe_sae_top{k}']:.3f} | residual "
+                  f"{probes[f'probe_residual_top{k}']:.3f}")
+        print(f"  full residual {probes['probe_residual_full']:.3f} (each class's best latent: "
               f"eval.json)")
     if meta:
         write_file(ev_path, ev)
@@ -1194,22 +1194,22 @@ if __name__ == '__main__':
     # explain: the SAE's tokenizer decodes the snippets; the explainer tokenizes them again
     if explain:
         chosen = choose(codes, cap, n, explain, which, seed, 'explain')
-        r = interpret(sae, meta, cap, codes, tok, backend, chosen, seed)
-        r.update(explainer=name, explainer_model=explainer_model or None)
-        write_file(folder / 'interp.json', r)
+        report = interpret(sae, meta, cap, codes, tok, backend, chosen, seed)
+        report.update(explainer=name, explainer_model=explainer_model or None)
+        write_file(folder / 'interp.json', report)
         # the headline first: AUROC for a local scorer, balanced accuracy for an endpoint
-        for k, s in r['summary'].items():
+        for k, s in report['summary'].items():
             print(f"{k:6s} explanations: AUROC {s['auroc_mean']} (topic's negatives "
                   f"{s['auroc_topic_mean']}, random ones {s['auroc_random_mean']}), balanced "
                   f"accuracy {s['mean']} +- {s['sd']} ({s['share_at_least_0.7']} at 0.7+), "
                   f"{s['failed_answers']} answers unparsed")
-        print(f"{r['failed_explanations']} explanations failed (they repeated the prompt or "
+        print(f"{report['failed_explanations']} explanations failed (they repeated the prompt or "
               f"copied a text, twice)")
-        print(f"wrote {folder}/interp.json: {r['seconds_per_latent']}s per latent with {name}")
+        print(f"wrote {folder}/interp.json: {report['seconds_per_latent']}s per latent with {name}")
 
     # -------------------------------------------------------------------------
-    # verify: push each latent and read back what the model writes; verify.json after each one,
-    # keeping what a run with the same settings verified (a killed run continues)
+    # verify: push each latent and read back what the model writes; each latent's result is
+    # cached as it comes (a killed run continues), verify.json is written at the end
     if verify:
         # the prompts: the first tokens of unseen articles, spread over them (an article's start
         # names its subject, and little else yet)

@@ -1101,8 +1101,7 @@ def test_steering_at_0_changes_nothing_and_reaches_generated_tokens(tiny, traine
     # every seq_len-1 step of generate: the block's output moved by exactly 3 * d_i
     seen = []
     h1 = attach(block, lambda h: seen.append(h.clone()) or steer_fn(sae, i, 3.0, 'add')(h))
-    h2 = block.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple)
-                                                                 else o))
+    h2 = block.register_forward_hook(lambda m, a, o: seen.append(capture.hidden(o)))
     lm.generate(ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
     h1.remove()
     h2.remove()
@@ -1707,6 +1706,21 @@ def test_steering_a_latent_makes_the_model_write_what_it_detects(steerable, tmp_
                 h[1:] += s * 5 * E[k]
                 x.append(int(lm.lm_head(lm.model.norm(h))[-1].argmax()))
             assert tok.decode(x[len(x0):]) == sample
+        # and verify's numbers at strength 2, by hand over every prompt: re-detection (new tokens
+        # that are k), the steered probability on k's 8 most promoted tokens, the clean NLL
+        top, got = (E @ E[k]).topk(8).indices, []
+        for p in v['settings']['prompts']:
+            x, mass = tok(p).input_ids, []
+            for _ in range(24):
+                h = 5 * E[x]
+                h[1:] += 2 * 5 * E[k]
+                q = lm.lm_head(lm.model.norm(h))[-1].softmax(-1)
+                mass.append(q[top].sum().item())
+                x.append(int(q.argmax()))
+            logp = lm.lm_head(lm.model.norm(5 * E[x])).log_softmax(-1)
+            nll = [-logp[t - 1, x[t]].item() for t in range(len(x) - 24, len(x))]
+            got.append([np.mean([t == k for t in x[-24:]]), np.mean(mass), np.mean(nll)])
+    assert np.allclose(lat[1, [0, 2, 3]], np.mean(got, 0), atol=1e-4)
     data = json.load(open(sae / 'browser.json'))
     assert data['verify'] == v
     # the page, in Chromium (last: without it, only this part skips)
