@@ -1569,10 +1569,10 @@ def test_endpoint_rerun_is_free_and_the_dashboard_shows_it(endpoint, tmp_path):
         assert html.unescape(re.search(r'class="expl">([^<]*)<', dom).group(1)) == "the token 'k'"
         assert re.search(r'class="score">([^<]*)<', dom).group(1) == '1'
 
-def test_prefix_cached_judge_equals_whole_prompts(tiny, chat_model, tmp_path):
-    """P(yes) from the judge (the explanation's tokens computed once, the texts batched and
-    right-padded on its KV cache) equals P(yes) from each whole prompt run alone, with no cache
-    and no padding; asked again, the judge answers from the cache without the model."""
+def test_the_batched_judge_equals_each_prompt_alone(tiny, chat_model, tmp_path):
+    """P(yes) from the judge (the prompts right-padded in one batch, the logits from the shortest
+    one's last token on) equals P(yes) from each whole prompt run alone, with no padding; asked
+    again, the judge answers from the cache without the model."""
     from transformers import AutoTokenizer
     lm, tok = load_lm(chat_model), AutoTokenizer.from_pretrained(chat_model)
     cache, log = {}, open(tmp_path / 'cache.jsonl', 'a')
@@ -1729,6 +1729,35 @@ def test_steering_a_latent_makes_the_model_write_what_it_detects(steerable, tmp_
     assert re.search(r'class="verdict">steering: verified<', dom) and 'samples' in dom
     first = re.search(r'<li><a href="#(\d+)">', chromium_dom(f'{page}?sort=lift', tmp_path))
     assert int(first.group(1)) == k
+
+def test_verify_pushes_from_position_1_on(tiny, trained):
+    """verify's continuation at a strength is greedy generation under a hook written here, which
+    adds strength * d_i to the block's output at positions 1.. of the prompt and at every generated
+    token (the tiny model attends: a push at position 0 too would change what it writes)."""
+    lm, (sae, info), tok = load_lm(tiny['model']), load_sae(trained), tiny['tok']
+    block = blocks(lm)[1][info['layer']]
+    prompts = torch.tensor([tok(d).input_ids[:8] for d in tiny['docs'][:2]])
+    with torch.no_grad():
+        r = steer.verify_latent(lm, tok, block, sae, 5, prompts, [0.0, 4.0], 1.0, 1, 0, None, None)
+        v = 4.0 * sae.W_dec[5]
+        def push(m, a, o):
+            h = capture.hidden(o)
+            h[:, int(h.shape[1] > 1):] += v
+        handle = block.register_forward_hook(push)
+        # in a batch of verify's shape (3 strengths' rows of 2 prompts): the same kernels
+        out = lm.generate(prompts.repeat(3, 1), max_new_tokens=24, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        handle.remove()
+    assert tok.decode(out[0, 8:]) == r['samples'][1] != r['samples'][0]
+
+def test_a_push_too_weak_to_change_the_text_verifies_nothing(steerable, tmp_path):
+    """At a strength far below what makes the hand-set model write 'k', the steered text is the
+    unsteered one: no lift over the control, so not verified (the margin, not the sign, decides)."""
+    sae = tmp_path / 'sae'
+    shutil.copytree(steerable['sae'], sae)
+    run(*steerable['args'][:3], '--strengths=0.001', *steerable['args'][4:], f'--sae_path={sae}')
+    r = json.load(open(sae / 'verify.json'))['latents'][str(steerable['k'])]
+    assert r['samples'][0] == r['samples'][1] and r['lift'] == 0 and not r['verified']
 
 def test_verify_is_the_same_with_the_same_seed_and_after_a_kill(steerable, tmp_path):
     """Two runs with the same seed write the same verify.json; a run killed (kill -9) after its
