@@ -639,9 +639,9 @@ def detection(p, truth, probabilities):
         out['balanced_accuracy'] = round(float(tpr + tnr) / 2, 4)
     # the chance that a positive gets a higher P(yes) than a negative (ties: half): against all
     # of them, and against each kind (a broad explanation may tell the latent's texts from random
-    # text but not from its topic's)
+    # text but not from its topic's); a kind apart only when both kinds are there
     for key, ns in (('auroc', neg), ('auroc_topic', got[0]), ('auroc_random', got[-1])):
-        if pos and ns and probabilities:
+        if pos and ns and probabilities and (key == 'auroc' or ns != neg):
             out[key] = round(float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in ns])), 4)
     return out
 
@@ -999,14 +999,14 @@ function hist() {
 // re-detection, output score and NLL against strength, the latent's and the random direction's
 // (verify.json's columns 0, 2, 3), the verdict and a sample per strength
 function drawVerify(i) {
-  const v = verified(i), S = D.verify.settings?.strengths, xs = S?.map((s, j) => j)
+  const v = verified(i), S = D.verify.settings?.strengths
   if (!v) return ''
   const col = c => [v.latent.map(r => r[c]), v.control.map(r => r[c])]
   return `<h3 class="verdict">steering: ${v.verified ? 'verified' : 'not verified'}</h3><p>at ` +
     `x${v.chosen}: re-detection ${v.lift} above the random direction (odd prompts), fluency ` +
     `cost ${v.fluency_cost} nats per token; orange the latent, grey the random direction</p>` +
     [['re-detection (share of new tokens)', 0], ['output score (probability on its promoted ' +
-    'tokens)', 2], ['NLL per new token, clean model', 3]].map(([name, c]) => chart(name, xs,
+    'tokens)', 2], ['NLL per new token, clean model', 3]].map(([name, c]) => chart(name, S,
     col(c), 'x0', `x${S.at(-1)}`)).join('') + '<ol class="samples">' + v.samples.map((t, j) =>
     `<li>x${S[j]}: <span class="ex">${esc(t)}</span>`).join('') + '</ol>'
 }
@@ -1224,21 +1224,21 @@ if __name__ == '__main__':
         settings = {'prompts': tok.batch_decode(prompts), 'strengths': grid, 'seed': seed,
                     'new_tokens': NEW_TOKENS, 'fluency': FLUENCY, 'margin': MARGIN,
                     'judge': name, 'dtype': dtype, 'sae': sae.W_dec.sum().item()}
-        out = {}
+        results = {}
         for i in progress('verify: latents', choose(codes, cap, n, verify, which, seed, 'verify')):
             e = interp.get(str(i), {}).get('explanation')
             key = {'verify': settings, 'latent': i, 'explanation': e}
-            v = out[str(i)] = cached(cache, log, key, lambda: verify_latent(
+            v = results[str(i)] = cached(cache, log, key, lambda: verify_latent(
                 lm, tok, block, sae, i, prompts, grid, strength_unit(info), skip, seed, e,
                 backend))
             print(f"latent {i:6d} | x{v['chosen']:g}: lift {v['lift']:+.3f}, fluency "
                   f"{v['fluency_cost']:+.2f} nats | verified: {v['verified']}", flush=True)
-        vs = out.values()
+        vs = results.values()
         summary = {'latents': len(vs), 'verified': sum(v['verified'] for v in vs),
                    **{f'median_{k}': float(np.median([v[k] for v in vs]))
                       for k in ('lift', 'fluency_cost')}}
         write_file(folder / 'verify.json',
-                   {'settings': settings, 'latents': out, 'summary': summary})
+                   {'settings': settings, 'latents': results, 'summary': summary})
         print(f"wrote {folder}/verify.json: {summary}")
 
     # -------------------------------------------------------------------------
