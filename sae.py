@@ -2,8 +2,11 @@
 Train a sparse autoencoder on the activations that capture.py wrote: BatchTopK (Bussmann et al.
 2024, the default), TopK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") or
 Matryoshka BatchTopK (Bussmann et al. 2025); save it as safetensors (SAELens layout) for steer.py.
+Read it top to bottom: the SAE as its math, the archs, the loss and the step, then (on a second
+read) the fast path that computes the same loss faster, the files, the checks; main last.
 $ python sae.py                                    # data/smollm2-l15 -> out/smollm2-l15
 $ python sae.py --arch=topk --out_dir=out/smollm2-l15-topk      # or --arch=matryoshka
+$ python sae.py --fast=False --out_dir=out/plain   # the plain path: the same training, slower
 $ python sae.py --data_dir=data/l1b-l8 --out_dir=out/l1b-l8 --expansion=32 --k=64 --device=cuda
 $ torchrun --standalone --nproc_per_node=4 sae.py --device=cuda    # DDP; batch_size is per process
 Kill it at any point and rerun the same command: it resumes from out_dir/ckpt.pt.
@@ -27,11 +30,11 @@ init_from = 'auto'       # 'auto' (resume if out_dir has ckpt.pt), 'scratch' or 
 expansion = 16           # n_latents = expansion * d_model, unless n_latents is set
 n_latents = 0            # 0: use expansion
 k = 32                   # active latents per activation (batchtopk, matryoshka: on average)
-arch = 'batchtopk'       # 'topk', 'batchtopk' or 'matryoshka' (the model section says how;
-                         # the README says why batchtopk is the default)
+arch = 'batchtopk'       # a key of ARCHS: 'topk', 'batchtopk' or 'matryoshka' (README: which)
 prefixes = ''            # matryoshka: where the nested prefixes end, e.g. '288,576,1152,2304,9216';
                          # '': at n/32, n/16, n/8, n/4 and n (Bussmann et al. 2025)
 theta_rate = 0.05        # batchtopk, matryoshka: the weight of each step in theta's running mean
+fast = True              # the fast path (the same loss, computed faster); False: the plain path
 batch_size = 4096        # activations per step, per process
 max_iters = 1000         # 4.1M activations: 8 passes over the default 500k-token capture
 learning_rate = 0.0      # 0: Adam at 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024, section 2.4)
@@ -55,144 +58,163 @@ wandb_project = 'nanosae'
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 # the valid values of each key, checked before any work starts: a tuple lists them, a string is
-# a condition on the value v (k is checked against n_latents once the data's width is known)
+# a condition on the value v (k is checked against n_latents once the data's width is known; arch
+# against ARCHS, below)
 rules = {'init_from': ('auto', 'scratch', 'resume'), 'expansion': 'v >= 1', 'n_latents': 'v >= 0',
          'batch_size': 'v >= 1', 'max_iters': 'v >= 1', 'learning_rate': '0 <= v < 1',
          'lr_mult': 'v > 0', 'warmup_iters': 'v >= 0', 'decay_frac': '0 <= v <= 1',
          'grad_clip': 'v > 0', 'auxk_coef': 'v >= 0', 'k_aux': 'v >= 0', 'dead_tokens': 'v >= 0',
          'val_frac': '0 <= v < 1', 'eval_interval': 'v >= 1', 'log_interval': 'v >= 1',
          'ckpt_interval': 'v >= 1', 'dtype': ('auto', 'float32', 'bfloat16'), 'seed': 'v >= 0',
-         'arch': ('topk', 'batchtopk', 'matryoshka'), 'theta_rate': '0 < v <= 1',
-         'sink_norm': 'v >= 0'}
+         'theta_rate': '0 < v <= 1', 'sink_norm': 'v >= 0'}
+
 # -----------------------------------------------------------------------------
-# the model: one encoder and decoder, three ways to choose the active latents
+# the SAE, as its math (Gao et al. 2024, section 2)
 class SAE(torch.nn.Module):
-    """pre = (x - b_dec) @ W_enc + b_enc               W_enc (d, n), b_enc (n,)
-    the active latents, by arch, in training:
-      topk        the k largest of each row            exactly k per row (Gao et al. 2024)
-      batchtopk   the k*B largest of the batch (B, n)  k per row on average (Bussmann et al. 2024)
-      matryoshka  batchtopk's, and the loss asks each prefix of the latent list to reconstruct x
-                  alone (Bussmann et al. 2025)
-    and at inference, where there is no batch: topk as in training; the other two keep relu(pre)
-    where pre > theta (a JumpReLU), theta estimated while training (train_step)
-    recon = sum_j vals_j * W_dec[idx_j] + b_dec        W_dec (n, d): one unit-norm row per latent
-    Codes are (vals, idx), (B, m) each, vals 0 where a slot is not active. encode below is what
-    evaluation and steering use; training computes the same selection on the fast path further
-    down (SparseEncode calls select); decode is shared."""
+    """pre = (x - b_dec) @ W_enc + b_enc        W_enc (d, n), b_enc (n,): the pre-activations
+    z = relu of the arch's active latents      (B, n), mostly zeros: the codes (ARCHS, below)
+    recon = z @ W_dec + b_dec                  W_dec (n, d): one unit-norm row per latent"""
 
     def __init__(self, d, n, k, arch='topk', ends=()):
         super().__init__()
+        # ends: the nested prefixes of the latent list that each reconstruct x in the loss (latents
+        # 0..end - 1 for each end), for an arch with prefixes; one, all n latents, for the others
         self.k, self.arch = k, arch
-        # matryoshka: where each nested prefix of the latent list ends (the last one at n); the
-        # others have one prefix, all latents
-        self.ends = list(ends) if arch == 'matryoshka' and ends else [n]
-        # the JumpReLU threshold of batchtopk and matryoshka (0: not estimated yet)
+        self.ends = list(ends) if ARCHS[arch].get('prefixes') and ends else [n]
+        # Gao et al. 2024, section 2.1: random unit rows; the encoder starts as their transpose
+        W = torch.randn(n, d)
+        W /= W.norm(dim=1, keepdim=True)
+        self.W_enc = torch.nn.Parameter(W.T.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(n))
+        self.W_dec = torch.nn.Parameter(W)
+        self.b_dec = torch.nn.Parameter(torch.zeros(d))
+        # batchtopk, matryoshka: the threshold that stands in for the batch at inference
         self.register_buffer('theta', torch.zeros(()))
         # rows with a larger norm are attention sinks past position 0, which training left out:
         # they get no codes, and forward passes them through unchanged
         self.register_buffer('max_norm', torch.tensor(math.inf))
-        # Gao et al. 2024, section 2.1: random unit rows; the encoder starts as their transpose
-        W = torch.randn(n, d)
-        W /= W.norm(dim=1, keepdim=True)
-        self.W_dec = torch.nn.Parameter(W)
-        # fast path, same math: [W_enc.T | b_enc] as one contiguous (n, d + 1) tensor, so that
-        # pre = [x - b_dec, 1] @ enc.T is one product with no bias pass, one sparse product gives
-        # both gradients, and fused Adam runs on contiguous memory (not a transposed view)
-        self.enc = torch.nn.Parameter(F.pad(W, (0, 1)))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d))
 
-    # the usual names, as views of enc
-    W_enc = property(lambda self: self.enc[:, :-1].T)
-    b_enc = property(lambda self: self.enc[:, -1])
+    # (x - b_dec) @ W_enc + b_enc, as one product (under autocast, all of it in bf16)
+    def pre(self, x):
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
-    # training's choice among a batch's pre-activations (B, n): the codes, relu'd
-    def select(self, pre):
-        if self.arch == 'topk':
-            vals, idx = topk(pre, self.k)
-            return vals.relu(), idx
-        return batch_topk(pre, self.k)
-
+    # the codes at inference (evaluation, steering): the arch's encode, with no batch to see
     def encode(self, x):
-        # the 1 of [x - b_dec, 1] picks up b_enc, as in training
-        pre = F.pad(x - self.b_dec, (0, 1), value=1.0) @ self.enc.T
-        pre *= x.norm(dim=1, keepdim=True) <= self.max_norm
-        if self.arch == 'topk':
-            return self.select(pre)
-        # every latent above theta (>= 0, so relu is implied), as many as a row has
-        return pack(pre, *torch.nonzero(pre > self.theta, as_tuple=True))
+        z = ARCHS[self.arch]['encode'](self.pre(x), self)
+        z[x.norm(dim=1) > self.max_norm] = 0
+        return z
 
-    def decode(self, vals, idx, bias=True):
-        # the active codes' rows of W_dec, weighted, row by row: never a dense (B, n) matrix, and
-        # no work for a slot that keeps nothing (batchtopk's rows are padded to the fullest)
-        keep = vals != 0
-        offsets = F.pad(keep.sum(1).cumsum(0)[:-1], (1, 0))
-        out = F.embedding_bag(idx[keep], self.W_dec, offsets, per_sample_weights=vals[keep],
-                              mode='sum')
-        return out + self.b_dec if bias else out
+    def decode(self, z):
+        return z @ self.W_dec + self.b_dec
 
     def forward(self, x):
-        return torch.where(x.norm(dim=1, keepdim=True) <= self.max_norm,
-                           self.decode(*self.encode(x)), x)
+        sink = x.norm(dim=1, keepdim=True) > self.max_norm
+        return torch.where(sink, x, self.decode(self.encode(x)))
+
+# -----------------------------------------------------------------------------
+# the archs: each one's choice of active latents in training (select) and at inference (encode),
+# each a function of the pre-activations (B, n) and the SAE; and where it has them, nested prefixes
+# in the loss (prefixes), a loss term of its own (loss, of the SAE, x and the codes) and an update
+# after each step (update). A new arch is one more entry in ARCHS (README, "Fork it"): nothing
+# else names an arch.
+
+# the k largest of each row of x, relu'd, as dense codes
+def top_k(x, k):
+    vals, idx = x.topk(k, dim=1)
+    return torch.zeros_like(x).scatter(1, idx, vals.relu())
+
+# batchtopk: the k*B largest entries of relu(pre) over the whole batch, so k per row on average: a
+# busy token gets more latents, a plain one fewer (Bussmann et al. 2024). Ties go to the lower
+# row-major index, as a stable sort takes them.
+def batch_top_k(pre, sae):
+    v = pre.relu().flatten()
+    keep = v.argsort(descending=True, stable=True)[:sae.k * len(pre)]
+    return torch.zeros_like(v).index_put((keep,), v[keep]).view_as(pre)
+
+# at inference a batchtopk SAE has no batch: a JumpReLU keeps relu(pre) where pre > theta (>= 0),
+# 0 elsewhere: torch's threshold
+def jump_relu(pre, sae):
+    return F.threshold(pre, sae.theta.item(), 0.0)
+
+# theta: a running mean of the smallest value each step keeps (dictionary_learning's estimator;
+# under DDP the mean over ranks), weight theta_rate per step, starting at the first step's value
+def update_theta(sae, z, cfg):
+    low = z.detach().masked_fill(z <= 0, math.inf).min()
+    if dist.is_initialized():
+        dist.all_reduce(low)
+        low /= dist.get_world_size()
+    sae.theta += (cfg['theta_rate'] if sae.theta > 0 else 1) * (low - sae.theta)
+
+ARCHS = {
+    # Gao et al. 2024: exactly k per row, in training and at inference
+    'topk': dict(select=lambda pre, sae: top_k(pre, sae.k),
+                 encode=lambda pre, sae: top_k(pre, sae.k), saelens='topk'),
+    'batchtopk': dict(select=batch_top_k, encode=jump_relu, update=update_theta),
+    # Bussmann et al. 2025: batchtopk, and every prefix of the latent list (sae.ends) reconstructs
+    # x alone too, so the first latents must stand alone: general features first, specific later
+    'matryoshka': dict(select=batch_top_k, encode=jump_relu, update=update_theta, prefixes=True),
+}
+rules['arch'] = tuple(ARCHS)
 
 # -----------------------------------------------------------------------------
 # training: the loss, one step, the start, the validation
 
-# The loss and AuxK (Gao et al. 2024, section 2.4 and appendix A.2) of this rank's share of the
-# global batch, normalised by global variances: summed over ranks, the single-process loss. The loss
-# is the FVU; for matryoshka the sum of every prefix's FVU (equal weights, as in the paper). Returns
-# (loss, aux, fvu of the whole reconstruction, vals, idx).
-def losses(sae, x, dead, k_aux):
-    # AuxK can use at most as many latents as are dead
-    k_aux = min(k_aux, int(dead.sum()))
-    vals, idx, avals, aidx = SparseEncode.apply(x, sae.enc, sae.b_dec, sae.select, dead, k_aux)
-    var = global_var(x)
-    # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model. The
-    # residual e is x less one group of latents (lo..end - 1) at a time, b_dec with the first: topk
-    # and batchtopk have one group, all latents; matryoshka's prefixes end where its groups do, and
-    # each prefix's FVU is in the loss, all from the one selection (a prefix never selects again:
-    # Bussmann et al. 2025, section 3; SAELens first did, another model)
-    e, loss = x, 0
-    for lo, end in zip([0] + sae.ends, sae.ends):
-        e = e - sae.decode(vals * ((idx >= lo) & (idx < end)), idx, bias=lo == 0)
-        fvu = e.pow(2).sum() / var
-        loss = loss + fvu
+# The loss of a batch x (B, d) (Gao et al. 2024, section 2.4 and appendix A.2): the FVU of the
+# reconstruction (the sum of each prefix's, for an arch with prefixes), the arch's own term, and
+# AuxK for the dead latents. Under DDP, x is this rank's
+# share of the global batch and var the global variance (global_var): summed over ranks, each is
+# the one-process value. Returns the loss, aux, fvu, the codes (B, n) and which latents fired.
+def losses(sae, x, dead, k_aux, var):
+    pre = sae.pre(x)
+    arch = ARCHS[sae.arch]
+    z = arch['select'](pre, sae)
+    # FVU, not MSE: the loss has no unit, so one learning rate fits every layer and model. Each
+    # prefix's FVU, from the one selection (a prefix never selects again: Bussmann et al. 2025,
+    # section 3; SAELens first did), with equal weights as in the paper; the whole one's last
+    cols = torch.arange(z.shape[1], device=x.device)
+    recon = [sae.decode(z * (cols < end)) for end in sae.ends]
+    fvu = [((x - r) ** 2).sum() / var for r in recon]
+    loss = sum(fvu) + arch['loss'](sae, x, z) if 'loss' in arch else sum(fvu)
+    # AuxK: the k_aux largest pre-activations among dead latents regress what the live ones
+    # missed: no b_dec (the residual has none; with it, AuxK would fit b_dec), residual detached
     aux = torch.zeros((), device=x.device)
-    # dead latents regress what the live ones missed (the whole reconstruction's residual): no
-    # b_dec (the residual has none; with it, AuxK would fit b_dec), residual detached
     if k_aux:
-        e = e.detach()
-        aux = (e - sae.decode(avals, aidx, bias=False)).pow(2).sum() / global_var(e)
-    return loss, aux, fvu, vals, idx
+        e = (x - recon[-1]).detach()
+        aux = ((e - top_k(pre.masked_fill(~dead, -math.inf), k_aux) @ sae.W_dec) ** 2).sum()
+        aux = aux / global_var(e)
+    return loss, aux, fvu[-1], z, (z > 0).any(0)
 
 # sum ||x - mean(x)||^2 over the global batch (all DDP ranks), in float64: FVU's denominator.
 def global_var(x):
     # accumulated in float64 without a float64 copy of x
     f64 = torch.float64
-    n = x.new_full((1,), len(x), dtype=f64)
-    s = torch.cat([x.sum(0, dtype=f64), x.pow(2).sum(dtype=f64).view(1), n])
+    s = torch.cat([x.sum(0, dtype=f64), x.pow(2).sum(dtype=f64).view(1),
+                   x.new_ones(1, dtype=f64) * len(x)])
     if dist.is_initialized():
         dist.all_reduce(s)
     return (s[-2] - (s[:-2] ** 2).sum() / s[-1]).float()
 
-# One optimizer step on x (B, d), already scaled, with the config's dead_tokens, k_aux, auxk_coef,
-# grad_clip, theta_rate and dtype. Returns the global fvu, aux, l0.
+# One optimizer step on x (B, d), already scaled, with the config's fast, dead_tokens, k_aux,
+# auxk_coef, grad_clip, theta_rate and dtype. Returns the global fvu, aux, l0.
 def train_step(sae, opt, x, since_fired, lr, cfg):
-    # the dead set is fixed for the whole step, before the forward
+    # the dead set is fixed for the whole step, before the forward; AuxK can use at most as many
+    # latents as are dead
     dead = since_fired >= cfg['dead_tokens']
-    bf16 = cfg['dtype'] == 'bfloat16'
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-        loss, aux, fvu, vals, idx = losses(sae, x, dead, cfg['k_aux'] or len(x[0]) // 2)
+    k_aux = min(cfg['k_aux'] or x.shape[1] // 2, int(dead.sum()))
+    # the fast path for an arch that has one (FAST), the plain one otherwise
+    loss_fn = fast_losses if cfg['fast'] and sae.arch in FAST else losses
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg['dtype'] == 'bfloat16'):
+        loss, aux, fvu, z, fired = loss_fn(sae, x, dead, k_aux, global_var(x))
     opt.zero_grad(set_to_none=True)
     (loss + cfg['auxk_coef'] * aux).backward()
-    # fvu, aux, l0 and the smallest value kept in one tensor: one all_reduce instead of four
-    low = vals.detach().masked_fill(vals <= 0, math.inf).min()
-    stats = torch.stack([fvu.detach(), aux.detach(), (vals > 0).sum() / len(x), low])
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    stats = torch.stack([fvu.detach(), aux.detach(), (z > 0).sum() / len(x)])
+    fired = fired.int()
     # each rank's loss is its part of the global sum: summing gradients gives the global gradient
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
-        for p in sae.parameters():
-            dist.all_reduce(p.grad)
-        dist.all_reduce(stats)
+        for t in [p.grad for p in sae.parameters()] + [stats, fired]:
+            # NCCL takes contiguous tensors (W_enc's gradient is latent-major: its transpose is)
+            dist.all_reduce(t if t.is_contiguous() else t.T)
     # remove from each decoder row's gradient its component along the row: the step then moves
     # the row along the unit sphere (to first order) instead of changing its norm
     W, G = sae.W_dec.data, sae.W_dec.grad
@@ -205,30 +227,22 @@ def train_step(sae, opt, x, since_fired, lr, cfg):
     # and exactly unit norm after the step: Adam's step leaves the sphere, and the saved rows must
     # be unit norm for latent values to be comparable
     W /= W.norm(dim=1, keepdim=True)
-    update_dead(since_fired, vals, idx, len(x) * world)
-    # theta, the threshold that batchtopk and matryoshka encode with at inference: a running mean
-    # of the smallest value each step keeps (dictionary_learning's estimator; its mean over
-    # ranks), weight theta_rate per step, starting at the first step's value rather than at 0
-    if sae.arch != 'topk':
-        sae.theta += (cfg['theta_rate'] if sae.theta > 0 else 1) * (stats[3] / world - sae.theta)
+    update_dead(since_fired, fired, len(x) * world)
+    if 'update' in ARCHS[sae.arch]:
+        ARCHS[sae.arch]['update'](sae, z, cfg)
     return stats[0].item(), stats[1].item(), stats[2].item() / world
 
-# Count, in tokens, how long since each latent last fired (in any rank's share of the batch): in
-# tokens, not steps, so the dead set does not depend on the batch size (OAI counts steps).
-def update_dead(since_fired, vals, idx, n_tokens):
-    fired = torch.zeros_like(since_fired)
-    fired[idx[vals > 0]] = 1
-    # summed over ranks: > 0 where any rank's share fired it
-    if dist.is_initialized():
-        dist.all_reduce(fired)
+# Count, in tokens, how long since each latent last fired (fired: > 0 where any rank's share of the
+# batch fired it): in tokens, not steps, so the dead set does not depend on the batch size (OAI
+# counts steps).
+def update_dead(since_fired, fired, n_tokens):
     since_fired += n_tokens
     since_fired[fired > 0] = 0
 
 # Adam with no weight decay: AdamW's default 0.01 would shrink every weight at every step (one
 # llama3 replication trains with it). eps as in Gao et al.'s code.
 def make_optimizer(sae, lr):
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10,
-                            weight_decay=0.0, fused=True)
+    return torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10, weight_decay=0.0, fused=True)
 
 # Gao et al. 2024, section 2.1: one input scale s so that E||s x||^2 = d, then b_dec at the
 # geometric median of s x, in the space the SAE trains in (not the mean: a few far outliers, like
@@ -254,19 +268,47 @@ def geometric_median(x, iters=100):
 # L0, and per latent: how often it fired.
 @torch.no_grad()
 def evaluate(sae, batches):
-    s1, s2, sse, l0, n = 0, 0, 0, 0, 0
-    count = sae.W_dec.new_zeros(len(sae.W_dec))
+    s1, s2, sse, l0, n, count = 0, 0, 0, 0, 0, 0
     for x in batches:
-        vals, idx = sae.encode(x)
-        recon, x = sae.decode(vals, idx).double(), x.double()
+        z = sae.encode(x)
+        recon, x = sae.decode(z).double(), x.double()
         s1, s2, sse = s1 + x.sum(0), s2 + (x ** 2).sum(), sse + ((x - recon) ** 2).sum()
-        l0, n = l0 + (vals > 0).sum().item(), n + len(x)
-        count.index_add_(0, idx.flatten(), (vals > 0).float().flatten())
+        l0, n = l0 + (z > 0).sum().item(), n + len(x)
+        count = count + (z > 0).sum(0)
     # sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / n
     return {'fvu': (sse / (s2 - (s1 ** 2).sum() / n)).item(), 'l0': l0 / n, 'count': count}
 
 # -----------------------------------------------------------------------------
-# fast path, same math: exact selections, and a backward that touches only the selected entries
+# fast path, same math (skip on a first read): the loss above without a dense (B, n) step
+# but the encoder's one product. Codes are flat here: values, latents and rows (rows in order).
+# The selections find the same latents without sorting the batch; the backward touches only the
+# selected entries (a sparse product, about 1/300 of the dense one's work); the decoder sums
+# rows of W_dec (a bag) instead of multiplying a mostly-zero (B, n) matrix. The tests hold each
+# arch here to its plain version: loss, gradients, weights after steps, selections.
+
+# The loss as `losses` computes it: the same values and gradients, and the codes' values and
+# which latents fired.
+def fast_losses(sae, x, dead, k_aux, var):
+    codes = SparseEncode.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, FAST[sae.arch], sae.k, dead,
+                               k_aux)
+    # the selection's codes first, then AuxK's (k_aux a row)
+    m = len(codes[0]) - len(x) * k_aux
+    (vals, lat, rows), dead_codes = [t[:m] for t in codes], [t[m:] for t in codes]
+    recon = [bag(sae.W_dec, vals * (lat < end), lat, rows, len(x)) + sae.b_dec for end in sae.ends]
+    fvu = [((x - r) ** 2).sum() / var for r in recon]
+    aux = torch.zeros((), device=x.device)
+    if k_aux:
+        e = (x - recon[-1]).detach()
+        aux = ((e - bag(sae.W_dec, *dead_codes, len(x))) ** 2).sum() / global_var(e)
+    fired = torch.bincount(lat[vals > 0], minlength=len(sae.W_dec)) > 0
+    return sum(fvu), aux, fvu[-1], vals, fired
+
+# sum over codes of vals * W[lat], row by row (rows in order): (B, d), never a (B, n) matrix, and
+# no work for a code whose value is 0
+def bag(W, vals, lat, rows, B):
+    keep = vals != 0
+    offsets = F.pad(torch.bincount(rows[keep], minlength=B).cumsum(0)[:-1], (1, 0))
+    return F.embedding_bag(lat[keep], W, offsets, per_sample_weights=vals[keep], mode='sum')
 
 # pre.topk(k, dim=1, sorted=False) (among equal values maybe other indices), faster on a CPU. View
 # each row as g slices of s = n / g and take their elementwise max: s column maxima in one pass.
@@ -284,8 +326,14 @@ def topk(pre, k, g=8):
     vals, j = pre.gather(1, cand).topk(k, dim=1, sorted=False)
     return vals, cand.gather(1, j)
 
-# The entries of x (B, n) that can be among its K largest, as (values, row-major positions), rows
-# in order: topk's argument over the whole batch. The K largest column maxima (recursively) are K
+# top_k as flat codes: values (relu'd), latents and rows
+def fast_top_k(pre, k):
+    vals, lat = topk(pre, k)
+    rows = torch.arange(len(pre), device=pre.device).repeat_interleave(k)
+    return vals.relu().flatten(), lat.flatten(), rows
+
+# The entries of x (B, n) that can be among its K largest, as (values, row-major positions), in
+# order: topk's argument over the whole batch. The K largest column maxima (recursively) are K
 # distinct entries, so the K-th largest entry is at least t, the K-th largest maximum: only the
 # entries >= t of the columns whose maximum is >= t are candidates (all ties included).
 def candidates(x, K, g=8):
@@ -302,9 +350,9 @@ def candidates(x, K, g=8):
     keep = v >= t
     return v[keep], p[keep]
 
-# BatchTopK's choice: the k*B largest entries of relu(pre) (B, n) over the whole batch, ties to the
-# lower row-major index, as a flatten-and-stable-sort would take them; never a sort of all B*n.
-def batch_topk(pre, k):
+# batch_top_k as flat codes: the k*B largest entries of relu(pre), ties to the lower row-major
+# index, as a flatten-and-stable-sort would take them; never a sort of all B*n
+def fast_batch_top_k(pre, k):
     B, n = pre.shape
     K = min(k * B, pre.numel())
     v, p = candidates(pre, K)
@@ -315,78 +363,77 @@ def batch_topk(pre, k):
     if t > 0:
         tie = torch.nonzero(v == t).flatten()
         keep[tie[p[tie].argsort()[:K - int(keep.sum())]]] = True
-    p = p[keep]
-    return pack(pre, p // n, p % n)
+    # in row-major order: rows in order
+    p, order = p[keep].sort()
+    return v[keep][order], p % n, p // n
 
-# Codes (B, m) of the entries (r, c) of pre (B, n), rows r in order: each row's entries in its first
-# slots, m the most any row holds, 0 where a slot keeps nothing.
-def pack(pre, r, c):
-    # an entry's slot: its place in the list less where its row starts
-    slot = torch.arange(len(r), device=r.device) - torch.searchsorted(r, r)
-    # m = the largest slot + 1, and 1 when nothing is kept
-    vals = pre.new_zeros(len(pre), int(F.pad(slot, (1, 0)).max()) + 1)
-    idx = torch.zeros_like(vals, dtype=torch.long)
-    vals[r, slot] = pre[r, c]
-    idx[r, slot] = c
-    return vals, idx
+# the fast selection of each arch that has one, and no loss term of its own (the rest train on the
+# plain path)
+FAST = {'topk': fast_top_k, 'batchtopk': fast_batch_top_k, 'matryoshka': fast_batch_top_k}
 
-# out[idx[b, i]] += g[b, i] * x[b] for all (b, i) where g is not 0, in place: the encoder's weight
-# gradient, (n, B) @ (B, d) with k non-zeros per column, as a CSR sparse product.
-def rows_grad(idx, g, x, out):
-    # a slot that keeps nothing has no gradient: only the others
-    p = torch.nonzero(g.flatten()).flatten()
-    lat = idx.flatten()[p]
+# out[lat] += g * x[rows] for every code, in place: the encoder's weight gradient, (n, B) @ (B, d)
+# with k non-zeros per column, as a CSR sparse product.
+def rows_grad(lat, rows, g, x, out):
+    # a code with no gradient (a slot that keeps nothing) needs no work
+    p = torch.nonzero(g).flatten()
+    lat = lat[p]
     # CSR wants each row's columns sorted: a stable sort of the latent ids groups them by latent
     order = lat.argsort(stable=True)
     crow = F.pad(torch.bincount(lat, minlength=len(out)).cumsum(0), (1, 0))
-    A = torch.sparse_csr_tensor(crow, (p // idx.shape[1])[order], g.flatten()[p][order],
-                                (len(out), len(x)), check_invariants=False)
+    A = torch.sparse_csr_tensor(crow, rows[p][order], g[p][order], (len(out), len(x)),
+                                check_invariants=False)
     # into out itself: A @ x would zero-fill a fresh output and copy it
     return torch.addmm(out, A, x, out=out)
 
-_scratch = {}  # (B, n) pre-activation buffers, by shape
+_scratch = {}
 
-# The encoder and the SAE's selection (plus AuxK's top k_aux among dead latents), ReLU'd. Forward
-# is one dense product; backward touches only the selected entries of each row, so the weight
-# gradient is a sparse (n, B) @ (B, d) product: about 1/300 of the dense one's work.
+# A buffer reused at every step, by shape, device and dtype: on a CPU a fresh big tensor is paid in
+# page faults each time
+def scratch(*key):
+    if key not in _scratch:
+        _scratch[key] = torch.empty(key[0], device=key[1], dtype=key[2])
+    return _scratch[key]
+
+# The encoder and the SAE's selection, relu'd, as flat codes, then AuxK's top k_aux among dead
+# latents. Forward is one dense product; backward touches only the codes' entries.
 class SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, enc, b_dec, select, dead, k_aux):
-        xc = F.pad(x - b_dec, (0, 1), value=1.0)
-        # the one dense product, bf16 under autocast, into a reused buffer: on a CPU a fresh
-        # (B, n) output is paid again in page faults at every step
-        on = torch.is_autocast_enabled(x.device.type)
-        dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-        key = (len(x), len(enc), x.device, dt)
-        if key not in _scratch:
-            _scratch[key] = torch.empty(key[:2], device=x.device, dtype=dt)
-        pre = torch.mm(xc.to(dt), enc.T.to(dt), out=_scratch[key])
-        vals, idx = select(pre)
-        vals = vals.float()
-        # AuxK: the top k_aux among dead latents, found in the same buffer (live ones masked)
+    def forward(ctx, x, W_enc, b_enc, b_dec, select, k, dead, k_aux):
+        # pre = [x - b_dec, 1] @ [W_enc; b_enc]: one product, no pass to add the bias; bf16 under
+        # autocast. W_enc is latent-major in memory (SAE's W.T.clone()), so [W_enc; b_enc] is
+        # built transposed, (n, d + 1), from contiguous copies
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        (d, n), xc = W_enc.shape, x - b_dec
+        w, pre = scratch((n, d + 1), x.device, dt), scratch((len(x), n), x.device, dt)
+        w[:, :d].copy_(W_enc.T)
+        w[:, d].copy_(b_enc)
+        torch.mm(F.pad(xc, (0, 1), value=1.0).to(dt), w.T, out=pre)
+        codes = select(pre, k)
+        # AuxK's, found in the same buffer (live latents masked)
         if k_aux:
-            avals, aidx = topk(pre.masked_fill_(~dead, -math.inf), k_aux)
-            avals = avals.float().relu()
-        else:
-            avals, aidx = pre.new_empty(len(x), 0), idx.new_empty(len(x), 0)
-        ctx.save_for_backward(xc, enc, idx, vals, aidx, avals)
-        ctx.mark_non_differentiable(idx, aidx)
-        return vals, idx, avals, aidx
+            codes = [torch.cat(t) for t in zip(codes, fast_top_k(pre.masked_fill_(~dead, -math.inf),
+                                                                 k_aux))]
+        vals, lat, rows = codes
+        vals = vals.float()
+        ctx.save_for_backward(xc, W_enc, vals, lat, rows)
+        ctx.mark_non_differentiable(lat, rows)
+        return vals, lat, rows
 
     @staticmethod
-    def backward(ctx, g_vals, _, g_avals, __):
-        xc, enc, idx, vals, aidx, avals = ctx.saved_tensors
-        # ReLU (and a slot that keeps nothing) passes the gradient only where the value is positive
-        g, ga = g_vals * (vals > 0), g_avals * (avals > 0)
-        g_enc = rows_grad(idx, g, xc, torch.zeros_like(enc))
-        # a latent can be in both sets of a row, so AuxK's entries go in a second product
-        if ga.numel():
-            rows_grad(aidx, ga, xc, g_enc)
+    def backward(ctx, g, _, __):
+        xc, W_enc, vals, lat, rows = ctx.saved_tensors
+        # ReLU (and a code that keeps nothing) passes the gradient only where the value is
+        # positive; a latent in both sets of a row has both codes, whose gradients add
+        g = g * (vals > 0)
+        # W_enc's gradient latent-major, (n, d): its transpose has W_enc's layout, so no copy
+        g_W = rows_grad(lat, rows, g, xc, xc.new_zeros(W_enc.T.shape)).T
+        g_b = xc.new_zeros(W_enc.shape[1]).index_add_(0, lat, g)
         # d pre / d b_dec = -W_enc
-        return None, g_enc, -(g_enc[:, -1] @ enc[:, :-1]), None, None, None
+        return None, g_W, g_b, -(W_enc @ g_b), None, None, None, None
 
 # -----------------------------------------------------------------------------
-# files: the capture's rows, the SAE, the checkpoint
+# files: the capture's rows, the SAE, the checkpoint (skip on a first read)
 
 # Rows idx (sorted) of a capture's acts.npy as float32, read with pread, one call per run of
 # consecutive rows. Not through a memory map: each row faulted in there maps its neighbours too,
@@ -406,8 +453,8 @@ def read_rows(path, idx):
 
 # Write the SAE for raw activations: the input scale s is folded in (the training SAE saw s*x), so
 # encode(x) = vals / s and decode gives recon / s; W_dec keeps unit rows. SAELens's layout: cfg.json
-# + sae_weights.safetensors, which SAE.load_from_disk(path) reads: topk as 'topk', batchtopk and
-# matryoshka as 'jumprelu', with theta as every latent's threshold (SAELens saves BatchTopK so).
+# + sae_weights.safetensors, which SAE.load_from_disk(path) reads: topk as 'topk', the others as
+# 'jumprelu' with theta as every latent's threshold (SAELens saves BatchTopK so; theta 0 is a relu).
 def save_sae(sae, scale, path, info):
     # pre(s x) = s ((x - b_dec / s) W_enc + b_enc / s): dividing both biases by s gives pre / s,
     # and theta, a value of pre, is divided too
@@ -415,20 +462,20 @@ def save_sae(sae, scale, path, info):
             'theta': (sae.theta / scale).item(), 'max_norm': (sae.max_norm / scale).item()}
     t = {'W_enc': sae.W_enc, 'b_enc': sae.b_enc / scale, 'W_dec': sae.W_dec,
          'b_dec': sae.b_dec / scale}
-    jump = sae.arch != 'topk'
-    if jump:
+    layout = ARCHS[sae.arch].get('saelens', 'jumprelu')
+    if layout == 'jumprelu':
         t['threshold'] = torch.full((len(sae.W_dec),), info['theta'])
     t = {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
     # safetensors metadata is str -> str: the numbers a reader looks for first, then all as JSON
-    meta = {**{key: str(info[key]) for key in ('k', 'scale', 'layer', 'model', 'arch', 'theta',
-                                               'ends', 'max_norm')}, 'nanosae': json.dumps(info)}
-    cfg = {'architecture': 'jumprelu' if jump else 'topk', 'd_in': t['W_dec'].shape[1],
+    meta = {**{key: str(info[key]) for key in ('k', 'scale', 'layer', 'model', 'arch', 'theta')},
+            'nanosae': json.dumps(info)}
+    cfg = {'architecture': layout, 'd_in': t['W_dec'].shape[1],
            'd_sae': t['W_dec'].shape[0], 'dtype': 'float32', 'device': 'cpu',
            'apply_b_dec_to_input': True, 'normalize_activations': 'none',
            'metadata': {'sae_lens_version': '6.0.0', 'model_name': info['model'],
                         'hook_name': info['hook'], 'context_size': info['ctx_len']}}
     # only topk has a k; only its layout has the decoder-norm option
-    if not jump:
+    if layout == 'topk':
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -437,33 +484,37 @@ def save_sae(sae, scale, path, info):
     write_file(path / 'sae_weights.safetensors', save(t, metadata=meta))
 
 # (sae, info) from a folder written by save_sae (or its .safetensors file), checked against its own
-# metadata; the SAE takes raw activations.
+# metadata; the SAE takes raw activations. A file of an older nanoSAE is one line: retrain.
 def load_sae(path, device='cpu'):
     f = path if path.endswith('.safetensors') else os.path.join(path, 'sae_weights.safetensors')
     if not os.path.isfile(f):
         raise SystemExit(f"no SAE at '{path}' (no {f}): train one with "
                          f"`python sae.py --out_dir={path}`")
-    # a file cut short, not safetensors at all, or tensors that do not fit its metadata: one line
+    # a file cut short, not safetensors at all, tensors that do not fit its metadata, or metadata
+    # of an older version (a key missing, an arch this sae.py does not have): one line
     try:
         with safe_open(f, 'pt') as h:
             info = json.loads(h.metadata()['nanosae'])
         t = load_file(f)
-        if not 1 <= info['k'] <= info['n_latents']:
-            raise ValueError(f"k={info['k']} of {info['n_latents']} latents")
-        # an SAE of an sae.py before the arch key is a topk SAE
-        sae = SAE(t['W_dec'].shape[1], info['n_latents'], info['k'],
-                      info.get('arch', 'topk'), info.get('ends', ()))
-        # back to the training layout; load_state_dict checks each shape
-        t['enc'] = torch.cat([t.pop('W_enc').T, t.pop('b_enc')[:, None]], 1)
-        # theta: every latent's threshold (a topk SAE has none: 0)
+        if not 1 <= info['k'] <= info['n_latents'] or info['arch'] not in ARCHS:
+            raise ValueError(f"k={info['k']} of {info['n_latents']} latents, arch {info['arch']}")
+        sae = SAE(t['W_dec'].shape[1], info['n_latents'], info['k'], info['arch'], info['ends'])
+        # theta: every latent's threshold (a topk SAE has none: 0); load_state_dict checks shapes
         t['theta'] = t.pop('threshold', torch.zeros(1))[0]
-        t['max_norm'] = torch.tensor(float(info.get('max_norm', math.inf)))
+        t['max_norm'] = torch.tensor(float(info['max_norm']))
         sae.load_state_dict(t)
     except Exception as e:
-        raise SystemExit(f"'{f}' is not a whole nanoSAE file ({type(e).__name__}: "
+        raise SystemExit(f"'{f}' is not a whole nanoSAE file of this version ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:120]}): retrain it with "
                          f"`python sae.py --init_from=scratch --out_dir={os.path.dirname(f)}`")
     return sae.to(device).eval(), info
+
+# Everything a resumed run needs to continue exactly, in ckpt.pt (written whole or not at all).
+def save_checkpoint(path, sae, opt, since_fired, it, scale, ident):
+    buf = io.BytesIO()
+    torch.save({'sae': sae.state_dict(), 'opt': opt.state_dict(), 'since_fired': since_fired,
+                'iter': it, 'scale': scale, 'config': ident}, buf)
+    write_file(path, buf.getbuffer())
 
 # Restore a run from ckpt.pt; returns (iter, scale). A checkpoint of another config, of an older
 # sae.py, or cut short (a disk that filled, a copy interrupted) gives one line.
@@ -486,7 +537,7 @@ def load_checkpoint(path, sae, opt, since_fired, ident, device):
     return ck['iter'], ck['scale']
 
 # -----------------------------------------------------------------------------
-# the checks and safe writes that capture.py and steer.py import too
+# the checks and safe writes that capture.py and steer.py import too (skip on a first read)
 
 # Override the config globals in `g` from --key=value arguments (nanoGPT's configurator, as a
 # function), then check every value against its rule. A mistake ends the run with one line that
@@ -522,6 +573,18 @@ def configure(g, keys, rules, argv=None):
         if isinstance(rule, str) and not eval(rule, {'v': v}):
             raise SystemExit(f"--{key}={v}: valid is {rule.replace('v', key)}")
     return {k: g[k] for k in keys}
+
+# This process under torchrun (or alone): (ddp, rank, world, device), with the process group set
+# up (NCCL on GPUs, gloo on CPUs) and this rank's GPU selected.
+def start(device):
+    ddp = 'RANK' in os.environ
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    device = pick_device(device)
+    if ddp:
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+    return ddp, rank, world, device
 
 # The device of this process: 'cuda' is this rank's GPU under torchrun. A device this machine lacks
 # is a user mistake like any other: one line that lists the devices it has.
@@ -598,6 +661,24 @@ def read_json(path):
 def config_diff(old, new):
     return ', '.join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in new.items() if old.get(k) != v)
 
+# Under DDP: every rank holds rank 0's weights and theta, bit for bit.
+def check_same_weights(sae):
+    for p in [*sae.parameters(), sae.theta]:
+        ref = p.detach().clone(memory_format=torch.contiguous_format)
+        dist.broadcast(ref, 0)
+        assert torch.equal(ref, p.detach()), "ranks disagree on the weights"
+
+# Matryoshka's prefix ends from --prefixes: increasing latent counts, the last one all n latents
+# ('': n/32, n/16, n/8, n/4 and n).
+def prefix_ends(prefixes, n):
+    ends = sorted({max(1, n // f) for f in (32, 16, 8, 4, 1)})
+    if prefixes:
+        ends = [int(p) if p.strip().isdigit() else 0 for p in prefixes.split(',')]
+    if ends != sorted(set(ends)) or ends[0] < 1 or ends[-1] != n:
+        raise SystemExit(f"--prefixes={prefixes}: valid is increasing latent counts that end at "
+                         f"n_latents={n}, e.g. --prefixes={n // 4},{n}")
+    return ends
+
 # The capture.py command that recreates a capture, from its config.
 def capture_command(config, folder):
     args = ' '.join(f'--{k}={shlex.quote(str(v))}' for k, v in config.items())
@@ -658,13 +739,7 @@ if __name__ == '__main__':
     config = configure(globals(), config_keys, rules)
     # -------------------------------------------------------------------------
     # processes: under torchrun each rank trains on its slice of every global batch
-    ddp = 'RANK' in os.environ
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = pick_device(device)
-    if ddp:
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-    if device.startswith('cuda'):
-        torch.cuda.set_device(device)
+    ddp, rank, world, device = start(device)
     # the same seed on every rank: all ranks start from the same weights
     torch.manual_seed(seed)
     log = print if rank == 0 else (lambda *a, **kw: None)
@@ -676,18 +751,12 @@ if __name__ == '__main__':
     # data: a global shuffle over all rows of the capture, whole contexts kept for validation
     meta = check_capture(data_dir)
     out, acts = Path(out_dir), Path(data_dir) / 'acts.npy'
-    N, d = meta['N'], meta['d_model']
+    d = meta['d_model']
     # 16 x d_model by default: 9,216 latents for SmolLM2's 576 dimensions
     n = n_latents or expansion * d
     if not 1 <= k <= n:
         raise SystemExit(f"--k={k}: valid is 1..{n} (n_latents)")
-    # matryoshka's prefixes: increasing latent counts, the last one all n latents
-    ends = sorted({max(1, n // f) for f in (32, 16, 8, 4, 1)})
-    if prefixes:
-        ends = [int(p) if p.strip().isdigit() else 0 for p in prefixes.split(',')]
-    if ends != sorted(set(ends)) or ends[0] < 1 or ends[-1] != n:
-        raise SystemExit(f"--prefixes={prefixes}: valid is increasing latent counts that end at "
-                         f"n_latents={n}, e.g. --prefixes={n // 4},{n}")
+    ends = prefix_ends(prefixes, n)
     # the encoder's product in bf16 where the hardware has it (autocast): said once, in the log;
     # the config (and so the SAE's file and the checkpoint) records the dtype chosen
     dtype, why = pick_dtype(dtype, device)
@@ -720,7 +789,7 @@ if __name__ == '__main__':
     # the keys that change the result: a checkpoint resumes only a run with the same ones
     ident = {key: v for key, v in config.items()
              if key not in ('init_from', 'eval_interval', 'log_interval', 'ckpt_interval',
-                            'wandb_log', 'wandb_project', 'device', 'out_dir')}
+                            'wandb_log', 'wandb_project', 'device', 'out_dir', 'fast')}
     ckpt_path = out / 'ckpt.pt'
     if init_from == 'resume' and not ckpt_path.exists():
         raise SystemExit(f"--init_from=resume: no checkpoint at {ckpt_path}")
@@ -734,8 +803,8 @@ if __name__ == '__main__':
     since_fired = torch.zeros(n, dtype=torch.long, device=device)
     # 32,768 rows fix one scalar and a median well (OpenAI's code uses the same count); their
     # median norm is also steer.py's unit of strength
-    rng = np.random.default_rng(seed)
-    x = read_rows(acts, np.sort(rng.choice(rows, min(len(rows), 32768), replace=False)))
+    x = read_rows(acts, np.sort(np.random.default_rng(seed).choice(rows, min(len(rows), 32768),
+                                                                   replace=False)))
     norm = x.norm(dim=1)
     median, it = norm.median().item(), 0
     if resume:
@@ -776,9 +845,7 @@ if __name__ == '__main__':
 
     # metrics.jsonl: one line per log and eval, rewritten whole, so a full disk never cuts a line
     metrics_path = out / 'metrics.jsonl'
-    metrics = []
-    if resume and metrics_path.exists():
-        metrics = open(metrics_path).read().splitlines()
+    metrics = open(metrics_path).read().splitlines() if resume and metrics_path.exists() else []
 
     def record(row):
         metrics.append(json.dumps(row))
@@ -786,9 +853,10 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # training loop
-    log(f"{N} activations of {meta['hook']} (d={d}) -> {n} latents, {arch}, k={k}, lr {lr0:.2e}, "
-        f"scale {scale:.4g}, {len(rows)} train / {len(val_rows)} val rows, global batch {gb}, "
-        f"{max_iters} steps, {world} process(es), encoder product in {dtype} ({why})")
+    log(f"{meta['N']} activations of {meta['hook']} (d={d}) -> {n} latents, {arch}, k={k}, "
+        f"lr {lr0:.2e}, scale {scale:.4g}, {len(rows)} train / {len(val_rows)} val rows, global "
+        f"batch {gb}, {max_iters} steps, {world} process(es), "
+        f"{'fast' if fast and arch in FAST else 'plain'} path, encoder product in {dtype} ({why})")
     # a finished run, rerun: nothing to do
     if it >= max_iters and (out / 'sae_weights.safetensors').exists():
         log(f"{out_dir} already holds this run, trained for {it} steps")
@@ -828,19 +896,12 @@ if __name__ == '__main__':
             record({'iter': it, 'eval': ev})
         # checkpoint: everything that a resumed run needs to continue exactly
         if rank == 0 and (it % ckpt_interval == 0 or it == max_iters):
-            ck = {'sae': sae.state_dict(), 'opt': opt.state_dict(), 'since_fired': since_fired,
-                  'iter': it, 'scale': scale, 'config': ident}
-            buf = io.BytesIO()
-            torch.save(ck, buf)
-            write_file(ckpt_path, buf.getbuffer())
+            save_checkpoint(ckpt_path, sae, opt, since_fired, it, scale, ident)
 
     # -------------------------------------------------------------------------
     # report: every rank holds the same weights (an invariant worth checking), then rank 0 saves
     if ddp:
-        for p in [*sae.parameters(), sae.theta]:
-            ref = p.detach().clone()
-            dist.broadcast(ref, 0)
-            assert torch.equal(ref, p.detach()), "ranks disagree on the weights"
+        check_same_weights(sae)
     if rank == 0:
         # the final validation goes into the SAE's metadata too
         ev = run_eval() if len(val_rows) else {}

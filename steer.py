@@ -5,15 +5,18 @@ SAE's path (the model, the layer, the capture).
 $ python steer.py                                       # evaluate out/smollm2-l15, its dashboard
 $ python steer.py --evaluate=True --data=my.txt         # loss recovered, delta CE, KL on other text
 $ python steer.py --prompt="The Eiffel Tower is in"     # the latents that fire most on each token
-$ python steer.py --prompt="My favourite food is" --latent=123 --strength=4 --mode=add   # steer
+$ python steer.py --prompt="My favourite food is" --latent=123 --strength=0.5   # steer by hand
 $ python steer.py --probe=True                          # k-sparse probes on the documents' labels
 $ python steer.py --explain=50                          # explain and score 50 latents: interp.json
 $ python steer.py --explain=50 --explainer=path/to/model.gguf      # a local instruct model
 $ python steer.py --explain=50 --explainer=http://localhost:11434/v1 --explainer_model=llama3.1:8b
+$ python steer.py --verify=40                           # verify 40 latents by steering them
+Read it in order: the hooks and steering by hand, evaluate, the codes, probe, explain, verify; the
+LLM client and the dashboard are plumbing for a second read; main runs the stages.
 """
 import os, re, sys, json, math, time, hashlib, functools, itertools, threading
 import urllib.request, urllib.error
-from collections import Counter
+from collections import Counter, namedtuple
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 # before torch loads tqdm: no progress bars or hub retry noise, so a user mistake stays one line
@@ -69,7 +72,7 @@ rules = {'eval_tokens': 'v >= 1', 'explain': 'v >= 0', 'requests_in_flight': 'v 
          'dtype': ('auto', 'float32', 'bfloat16')}
 
 # -----------------------------------------------------------------------------
-# hooks
+# hooks: the SAE in the model, and steering by hand
 
 # Hook `block` so its output h (B, T, d) becomes fn(h) at every position but the first `skip` of a
 # prompt, which the SAE never saw (capture excluded them). A step with the KV cache (T == 1) is
@@ -102,65 +105,166 @@ def steer_fn(sae, i, value, mode):
     def fn(h):
         if mode == 'add':
             return h + value * d_i
-        # f_i(h): latent i's activation, 0 where it is not in the top k
-        vals, idx = sae.encode(h.reshape(-1, h.shape[-1]).float())
-        f_i = (vals * (idx == i)).sum(-1).view(*h.shape[:-1], 1)
+        # f_i(h): latent i's activation (0 where the arch did not choose it)
+        f_i = sae.encode(h.reshape(-1, h.shape[-1]).float())[:, i].view_as(h[..., :1])
         return h + ((value if mode == 'clamp' else 0) - f_i) * d_i
     return fn
+
+# The latents that fire most on each token of a prompt (ids (1, T)), `top` of them a token, as
+# latent:value, a line per token.
+@torch.no_grad()
+def inspect(lm, tok, block, sae, ids, skip, top):
+    z = sae.encode(run_to_layer(lm, block, ids)[0].float())
+    for p, (v, i) in enumerate(zip(*z.topk(top, dim=1))):
+        shown = '  '.join(f"{j}:{x:.2f}" for x, j in zip(v.tolist(), i.tolist()) if x > 0)
+        print(f"{tok.decode(ids[0, p])!r:>16} {shown if p >= skip else '(the SAE never saw it)'}")
+
+# The prompt's completion with fn hooked on the block: sampled from the whole distribution with
+# the seed (temperature 0: greedy), so that two hooks on the same prompt and seed differ only by
+# what the hooks do.
+@torch.no_grad()
+def complete(lm, tok, block, fn, ids, skip, max_new_tokens, temperature, seed):
+    torch.manual_seed(seed)
+    handle = attach(block, fn, skip)
+    out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                      temperature=temperature or None, top_k=0, pad_token_id=tok.eos_token_id)
+    handle.remove()
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+# -----------------------------------------------------------------------------
+# codes and documents: what probe, explain, verify and the dashboard read
+
+# The firing codes of the capture, flat, a row's codes together, rows in order: each one's value,
+# latent and row (torch or numpy arrays; float32, int32, int32: 384 MB for 1M rows at L0 32)
+Codes = namedtuple('Codes', 'vals lat row')
+
+# Every row of the capture through the encoder: its Codes.
+@torch.no_grad()
+def encode_all(sae, acts, dtype='float32', chunk=8192):
+    N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
+    out = []
+    # chunks in row order: the file is read once, front to back; the codes go to the CPU
+    for s in progress('encode the capture (chunks)', range(0, N, chunk)):
+        # the encoder's product in dtype, as sae.py trains it
+        with torch.autocast(dev.type, getattr(torch, dtype), enabled=dtype != 'float32'):
+            z = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
+        r, j = torch.nonzero(z, as_tuple=True)
+        out.append((z[r, j].float().cpu(), j.int().cpu(), (r + s).int().cpu()))
+    return Codes(*(torch.cat(t) for t in zip(*out)))
+
+# The capture's arrays, with each row's document and label (its context's).
+def read_capture(cap_dir):
+    cap = {f: np.load(os.path.join(cap_dir, f + '.npy'))
+         for f in ('tokens', 'ctx', 'pos', 'first', 'doc', 'label')}
+    cap['row_doc'], cap['row_label'] = cap['doc'][cap['ctx']], cap['label'][cap['ctx']]
+    return cap
+
+# The test documents of probes and explanations: 1 in 5 of the capture's (by index in the corpus),
+# so no probe and no detection score is measured on text that its probe or its explainer saw.
+# (sae.py's validation contexts and the corpus's unseen articles are other splits.)
+def is_test(doc):
+    return doc % 5 == 0
+
+# How many contexts each latent fires in, on the explain side and on the score side (n,) each.
+def context_counts(codes, cap, n):
+    # each (context, latent) pair once, then split by its context's document
+    pairs = np.unique(cap['ctx'][codes.row.numpy()].astype(np.int64) * n + codes.lat.numpy())
+    ctx, lat = pairs // n, pairs % n
+    ho = is_test(cap['doc'][ctx])
+    return np.bincount(lat[~ho], minlength=n), np.bincount(lat[ho], minlength=n)
+
+MIN_EXPLAIN, MIN_SCORE = 20, 5  # contexts a latent must fire in: explain side, score side
+
+# The latents to explain or verify: `which` when named, else `count` drawn uniformly, with the seed,
+# among those that fire in enough contexts on both sides of the document split (a choice by density
+# or by score would bias the means). The draws nest: the first of a larger draw are a smaller one.
+def choose(codes, cap, n, count, which, seed, key):
+    n_train, n_test = context_counts(codes, cap, n)
+    ok = np.nonzero((n_train >= MIN_EXPLAIN) & (n_test >= MIN_SCORE))[0]
+    enough = (f"this SAE has {len(ok)} latents that fire in {MIN_EXPLAIN}+ contexts of the "
+              f"explain documents and {MIN_SCORE}+ of the test ones")
+    bad = set(which) - set(ok.tolist())
+    if bad:
+        raise SystemExit(f"--latents: {min(bad)} cannot be explained and scored: {enough}")
+    if not which and count > len(ok):
+        raise SystemExit(f"--{key}={count} is more than {enough}: pass at most {len(ok)}")
+    return which or sorted(ok[np.random.default_rng(seed).permutation(len(ok))[:count]].tolist())
+
+# The final norm: it sits beside the list of blocks, in the base model (model.norm,
+# transformer.ln_f, ...).
+def final_norm(lm):
+    base = lm.base_model
+    return next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
+
+# Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
+# it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
+def logit_effects(lm, sae, live):
+    norm = final_norm(lm)
+    up, down = [], []
+    for j in range(0, len(live), 512):
+        d = sae.W_dec[live[j:j + 512]][None].to(lm.dtype)
+        logits = lm.get_output_embeddings()(norm(d))[0]
+        up += logits.topk(8, -1).indices.tolist()
+        down += (-logits).topk(8, -1).indices.tolist()
+    return up, down
+
+# -----------------------------------------------------------------------------
+# codes and documents: windows of text, for the explainer and the dashboard (skip on a first read)
+
+# Explainer windows: 32 tokens, the firing token the 24th (delphi's shape)
+W_BEFORE, W_AFTER = 23, 8
+
+# Latent i on each row of `rows` (consecutive rows of the capture), from the codes as numpy arrays.
+def latent_on(codes, i, rows):
+    # searched as int32: another dtype would convert the whole array at every call
+    s, e = np.searchsorted(codes.row, np.array([rows[0], rows[-1] + 1], codes.row.dtype))
+    hit = s + np.nonzero(codes.lat[s:e] == i)[0]
+    out = np.zeros(len(rows), np.float32)
+    out[codes.row[hit] - rows[0]] = codes.vals[hit]
+    return out
+
+# The rows of the window around row r (`before` rows before it, `after` after) that exist and
+# belong to r's context: a run, as a context's rows are consecutive. (The dashboard's windows too.)
+def window(r, cap, before=W_BEFORE, after=W_AFTER):
+    rows = np.arange(max(r - before, 0), min(r + after + 1, len(cap['ctx'])))
+    return rows[cap['ctx'][rows] == cap['ctx'][r]]
+
+# The text of a window, tokens decoded one by one; where the latent is above `mark`, the token is
+# marked <<like this>> (a run of marked tokens is one mark; a leading space stays outside).
+def show(rows, tok, cap, acts=(), mark=math.inf):
+    out = ''
+    # no activations: plain text (the scorer's texts carry no marks)
+    for t, v in itertools.zip_longest(cap['tokens'][rows], acts, fillvalue=0):
+        s = tok.decode([int(t)])
+        word = s.lstrip()
+        out += s[:len(s) - len(word)] + f'<<{word}>>' if v > mark and word else s
+    return out.replace('>><<', '').strip()
 
 # -----------------------------------------------------------------------------
 # evaluate (--evaluate) -> eval.json
 
-# Next-token CE (nats) clean, with the SAE spliced in, spliced plus its error term, zero- and mean-
-# ablated at the layer; loss recovered and KL(clean || spliced). Only positions >= skip are changed
-# and scored. The blocks below the layer run once per batch: a first forward (the clean one) keeps
-# the layer's output h and what each later block was called with (the mask, the position
-# embeddings), and each other mode reruns only the later blocks on its own copy of h.
+# Next-token CE (nats) of the clean model and of the model with the layer's output replaced: by the
+# SAE's reconstruction (spliced), plus the SAE's error term (which gives h back: a check of the
+# splice itself), by zeros and by its mean over the text (the ablations); loss recovered and
+# KL(clean || spliced). Only positions >= skip are changed and scored.
 @torch.no_grad()
 def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     batches = [pad(ctxs[j:j + bs], device) for j in range(0, len(ctxs), bs)]
-    layers = list(blocks(lm)[1])
-    later = layers[layers.index(block) + 1:]
-    calls, finals = [], []
-
-    # the layer's output starts a batch's record, each later block adds its call (less its
-    # input), and the last block's output is the clean mode's (this forward is the clean model's)
-    def keep_call(mod, args, kwargs):
-        calls[-1].append((mod, args[1:], {k: v for k, v in kwargs.items() if k != 'hidden_states'}))
-    hooks = [block.register_forward_hook(lambda m, a, out: calls.append([hidden(out)]))]
-    hooks += [b.register_forward_pre_hook(keep_call, with_kwargs=True) for b in later]
-    hooks.append(layers[-1].register_forward_hook(lambda m, a, out: finals.append(hidden(out))))
-    try:
-        for ids, mask in progress('evaluate: a first forward per batch', batches):
-            # the head only at the last position: the modes compute their own logits
-            lm(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-    finally:
-        for h in hooks:
-            h.remove()
-    # the mean activation over real tokens at positions >= skip, for mean ablation
-    m = torch.cat([mask[:, skip:].flatten() for _, mask in batches]).bool()
-    mean = torch.cat([c[0][:, skip:].flatten(0, 1) for c in calls])[m].mean(0)
-    # each other mode is a function of the block's output (clean is the first forward's)
-    modes = {'clean': None, 'spliced': sae_fn(sae), 'spliced+error': sae_fn(sae, error=True),
+    # the layer's mean output over the text's real tokens (the padding's rows left out)
+    mean = torch.cat([run_to_layer(lm, block, ids, mask)[:, skip:][mask[:, skip:].bool()]
+                      for ids, mask in batches]).mean(0)
+    modes = {'clean': lambda h: h, 'spliced': sae_fn(sae), 'spliced+error': sae_fn(sae, error=True),
              'zero_ablated': torch.zeros_like, 'mean_ablated': lambda h: mean.expand_as(h)}
-
-    # x through the blocks above the layer, each called as in the first forward
-    def above(x, later_calls):
-        for mod, args, kwargs in later_calls:
-            x = hidden(mod(x, *args, **kwargs))
-        return x
-    norm, head = final_norm(lm), lm.get_output_embeddings()
     # sums over tokens, divided by the token count at the end
     ce, kl, n = dict.fromkeys(modes, 0.0), 0.0, 0
-    for (ids, mask), (h, *later_calls), final in progress('evaluate: four modes above the layer',
-                                                          list(zip(batches, calls, finals))):
+    for ids, mask in progress('evaluate: five modes a batch', batches):
         # predictions from positions >= skip, of real tokens
         tgt = mask[:, skip + 1:].bool()
         for name, fn in modes.items():
-            x = final if name == 'clean' else \
-                above(torch.cat([h[:, :skip], fn(h[:, skip:])], 1), later_calls)
-            # the head only where a real token follows
-            logp = F.log_softmax(head(norm(x[:, skip:-1][tgt])).float(), -1)
+            handle = attach(block, fn, skip)
+            logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            handle.remove()
+            logp = F.log_softmax(logits[:, skip:-1][tgt].float(), -1)
             ce[name] += -logp.gather(1, ids[:, skip + 1:][tgt][:, None]).sum().item()
             # KL(clean || spliced) per token: sum p_clean (log p_clean - log p_spliced)
             if name == 'clean':
@@ -177,69 +281,8 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
             'loss_recovered_vs_mean_pct': recovered('ce_mean_ablated'),
             'delta_ce': r['ce_spliced'] - r['ce_clean'], 'kl': kl / n, 'tokens': n}
 
-# The final norm: it sits beside the list of blocks, in the base model (model.norm,
-# transformer.ln_f, ...).
-def final_norm(lm):
-    base = lm.base_model
-    return next(getattr(base, a) for a in ('norm', 'ln_f', 'final_layernorm') if hasattr(base, a))
-
-# The items, one at a time, and a progress line for the stage after each one that ends 10 s or more
-# after the last line: done of total, the time so far and an ETA (and one at the end of a stage
-# that took 10 s or more).
-def progress(stage, items, total=0):
-    total, t0 = total or len(items), time.time()
-    said = t0
-    for done, x in enumerate(items, 1):
-        yield x
-        now = time.time()
-        if now - said >= 10 or done == total and now - t0 >= 10:
-            said, eta = now, (now - t0) / done * (total - done)
-            print(f"{stage}: {done}/{total} | {now - t0:.0f}s | ETA {eta:.0f}s", flush=True)
-
 # -----------------------------------------------------------------------------
-# codes and documents: what probe, explain and the dashboard read
-
-# Every row of the capture through the encoder: its firing codes as three flat arrays, a row's
-# codes together, rows in order: values, latents and rows (int32), 384 MB for 1M rows at L0 32,
-# whatever the widest row holds.
-@torch.no_grad()
-def encode_all(sae, acts, dtype='float32', chunk=8192):
-    N, dev = np.load(acts, mmap_mode='r').shape[0], sae.W_dec.device
-    out = []
-    # chunks in row order: the file is read once, front to back; the codes go to the CPU
-    for s in progress('encode the capture (chunks)', range(0, N, chunk)):
-        # the encoder's product in dtype, as sae.py trains it
-        with torch.autocast(dev.type, getattr(torch, dtype), enabled=dtype != 'float32'):
-            v, i = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
-        r, j = torch.nonzero(v > 0, as_tuple=True)
-        out.append((v[r, j].float().cpu(), i[r, j].int().cpu(), (r + s).int().cpu()))
-    return tuple(torch.cat(t) for t in zip(*out))
-
-# Latent i on each row of `rows` (consecutive rows of the capture), from the codes as numpy arrays.
-def latent_on(codes, i, rows):
-    vals, idx, row = codes
-    # searched as int32: another dtype would convert the whole array at every call
-    s, e = np.searchsorted(row, np.array([rows[0], rows[-1] + 1], row.dtype))
-    hit = s + np.nonzero(idx[s:e] == i)[0]
-    out = np.zeros(len(rows), np.float32)
-    out[row[hit] - rows[0]] = vals[hit]
-    return out
-
-# The capture's arrays, with each row's document and label (its context's).
-def read_capture(cap_dir):
-    cap = {f: np.load(os.path.join(cap_dir, f + '.npy'))
-         for f in ('tokens', 'ctx', 'pos', 'first', 'doc', 'label')}
-    cap['row_doc'], cap['row_label'] = cap['doc'][cap['ctx']], cap['label'][cap['ctx']]
-    return cap
-
-# The test documents of probes and explanations: 1 in 5 of the capture's (by index in the corpus),
-# so no probe and no detection score is measured on text that its probe or its explainer saw.
-# (sae.py's validation contexts and the corpus's unseen articles are other splits.)
-def is_test(doc):
-    return doc % 5 == 0
-
-# -----------------------------------------------------------------------------
-# probe (--probe) -> eval.json
+# probe (--probe) -> eval.json (skip on a first read)
 
 # A logistic regression with an L2 penalty (sklearn's default, C = 1), fitted by L-BFGS on
 # standardized features: the probe of SAEBench's sparse probing, in torch. Returns test accuracy.
@@ -301,7 +344,6 @@ def sparse_probe(lat, res, label, test, names, ks=(1, 2, 5, 10), seed=0):
 # The probes on the SAE's capture: each document's mean latent activations and mean residual
 # vector (over its stored rows), test documents for the test.
 def probe_capture(sae, meta, cap, codes, acts):
-    vals, idx, row = codes
     # documents renumbered 0..D-1 in order of first appearance
     docs, row_doc = np.unique(cap['row_doc'], return_inverse=True)
     D, n, row_doc = len(docs), sae.W_dec.shape[0], torch.from_numpy(row_doc)
@@ -309,7 +351,8 @@ def probe_capture(sae, meta, cap, codes, acts):
     rows = torch.bincount(row_doc, minlength=D).float()[:, None]
     # (D, n) latent sums from every code (dense: 10k documents x 9216 latents is 370 MB), then
     # means
-    lat = torch.zeros(D * n).index_add_(0, row_doc[row] * n + idx, vals).view(D, n) / rows
+    lat = torch.zeros(D * n).index_add_(0, row_doc[codes.row] * n + codes.lat, codes.vals)
+    lat = lat.view(D, n) / rows
     # the residual stream, summed per document as it streams from disk
     res = torch.zeros(D, meta['d_model'])
     for s in progress('probe: residual means (chunks)', range(0, meta['N'], 65536)):
@@ -324,10 +367,139 @@ def probe_capture(sae, meta, cap, codes, acts):
 # -----------------------------------------------------------------------------
 # explain (--explain) -> interp.json
 
-# Explainer windows: 32 tokens, the firing token the 24th (delphi's shape). A latent is explained
-# only when it fires in enough contexts on both sides of the document split.
-W_BEFORE, W_AFTER = 23, 8
-MIN_EXPLAIN, MIN_SCORE = 20, 5
+# Explain latents and score the explanations: the LLM's, the token baseline and a random one (the
+# next latent's, in a ring), each by detection on the same test texts. Returns interp.json.
+def interpret(sae, meta, cap, codes, tok, backend, chosen, seed):
+    chat, judge, probabilities, workers = backend
+    # the clock for seconds_per_latent starts after the model load and the encoding
+    t0 = time.time()
+    # each latent's examples with its own generator: the same latent gets the same examples
+    ex = [explainer_texts(i, codes, cap, tok, np.random.default_rng([seed, i]), meta['labels'])
+          for i in chosen]
+    # every explanation first: the random control needs another latent's
+    numbered = ['\n'.join(f'{j + 1}. {s}' for j, s in enumerate(e['snippets'])) for e in ex]
+
+    # an answer that repeats the prompt or copies a text gets one reminder; then it has failed
+    # (None): it is counted, never scored as if it were an explanation
+    def explain(snippets):
+        ask = explain_messages(snippets)
+        first = chat(ask, 40)
+        again = ask + [{'role': 'assistant', 'content': first},
+                       {'role': 'user', 'content': EXPLAIN_AGAIN}]
+        return explanation(first, snippets) or explanation(chat(again, 40), snippets) or None
+    llm = parallel(explain, numbered, workers, 'explain: explanations')
+    # the random control: the next latent's explanation that did not fail, in a ring
+    done = [j for j, e in enumerate(llm) if e]
+    ring = {j: done[(q + 1) % len(done)] for q, j in enumerate(done)} if len(done) > 1 else {}
+
+    # the three explanations of latent j (those it has), scored on its test texts
+    def score(j):
+        kinds = {'llm': llm[j], 'token': ex[j]['token'],
+                 'random': llm[ring[j]] if j in ring else None}
+        s = {k: detection(judge(text, ex[j]['texts']), ex[j]['truth'], probabilities)
+             for k, text in kinds.items() if text}
+        head = 'auroc' if probabilities else 'balanced_accuracy'
+        got = ' | '.join(f"{k} {v.get(head)}" for k, v in s.items())
+        print(f"latent {chosen[j]:6d} | {head}: {got} | {str(llm[j])[:60]!r}", flush=True)
+        return s
+    # the time per latent covers examples, explaining and scoring
+    scores = parallel(score, range(len(chosen)), workers, 'explain: scores')
+    latents = {str(i): {'explanation': llm[j], 'token_baseline': e['token'], 'scores': scores[j],
+                        'random_from': int(chosen[ring[j]]) if j in ring else None, **e['about']}
+               for j, (i, e) in enumerate(zip(chosen, ex))}
+    # the LLM's explanations only mean something next to the controls'
+    summary = {k: summarize([s[k] for s in scores if k in s]) for k in ('llm', 'token', 'random')
+               if any(k in s for s in scores)}
+    headline = ('auroc_mean: the AUROC of P(yes), free of the scorer\'s prior for yes (balanced '
+                'accuracy cut at the median P(yes) of each latent\'s texts)' if probabilities
+                else 'mean: balanced accuracy of the 0/1 answers')
+    return {'latents': latents, 'summary': summary, 'headline': headline,
+            'failed_explanations': sum(e is None for e in llm), 'prompt_version': PROMPT_VERSION,
+            'seconds_per_latent': round((time.time() - t0) / len(chosen), 2)}
+
+# Detection scores of one explanation on one latent's texts (half positives by construction). With
+# P(yes) from a local model: the AUROC (the headline: a rank, so the model's prior for 'yes' cancels
+# out; a 1.5B model gave every text 0.65-0.82, which a cut at 0.5 calls all 'yes') and balanced
+# accuracy with the median P(yes) of these texts as the cut (chosen without the truth). With 0/1
+# answers (an endpoint): balanced accuracy. Answers that did not parse (None) are counted.
+def detection(p, truth, probabilities):
+    # the answers that parsed, by truth: 1 a positive, 0 a negative of the latent's topic, -1 a
+    # random one
+    got = {t: [q for q, u in zip(p, truth) if u == t and q is not None] for t in (1, 0, -1)}
+    pos, neg = got[1], got[0] + got[-1]
+    out = {'balanced_accuracy': None, 'failed': sum(q is None for q in p)}
+    cut = float(np.median(pos + neg)) if probabilities and pos and neg else 0.5
+    # the mean of the two recalls: 0.5 for any constant answer, whatever the mix
+    if pos and neg:
+        tpr, tnr = np.mean([q > cut for q in pos]), np.mean([q <= cut for q in neg])
+        out['balanced_accuracy'] = round(float(tpr + tnr) / 2, 4)
+    # the chance that a positive gets a higher P(yes) than a negative (ties: half): against all
+    # of them, and against each kind (a broad explanation may tell the latent's texts from random
+    # text but not from its topic's); a kind apart only when both kinds are there
+    for key, ns in (('auroc', neg), ('auroc_topic', got[0]), ('auroc_random', got[-1])):
+        if pos and ns and probabilities and (key == 'auroc' or ns != neg):
+            out[key] = round(float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in ns])), 4)
+    return out
+
+# -----------------------------------------------------------------------------
+# explain: the explainer's texts, prompts and answers (skip on a first read)
+
+
+# One latent's texts, one per context (its peak): explainer snippets from the explain documents
+# (the top 10 contexts and one from each decile of the rest), detection texts from the test
+# ones (2 positives per decile; 10 negatives from documents of the latent's topic and 10 random,
+# each a window where the latent is 0 on every token), and the token baseline.
+def explainer_texts(i, codes, cap, tok, rng, names):
+    codes = Codes(*(t.numpy() for t in codes))
+    # the latent on every row of a run of rows
+    on = functools.partial(latent_on, codes, i)
+
+    # the latent's rows, largest first (ties in row order), then each context's first: its peak
+    hit = np.nonzero(codes.lat == i)[0]
+    r = codes.row[hit][np.argsort(-codes.vals[hit], kind='stable')]
+    r = r[np.sort(np.unique(cap['ctx'][r], return_index=True)[1])]
+    train, test = r[~is_test(cap['row_doc'][r])], r[is_test(cap['row_doc'][r])]
+
+    # n rows from each of the ten deciles of `rows` (largest first)
+    def spread(rows, n):
+        parts = [p for p in np.array_split(rows, 10) if len(p)]
+        return np.concatenate([rng.choice(p, min(len(p), n), replace=False) for p in parts])
+    # the top and the whole range: the weak activations make up most firings
+    shown = np.concatenate([train[:10], spread(train[10:], 1)])
+    # marks at 0.3 of the latent's largest value (delphi's threshold)
+    mark = 0.3 * on(train[:1])[0]
+    # positives over the whole range too: a score on top examples alone would flatter
+    pos = spread(test, 2)
+    # the latent's topic: the most common label of its peaks' documents (-1: no labels); its
+    # negatives from the same topic test the explanation, not the topic's vocabulary
+    labels = cap['row_label'][train]
+    topic = int(np.bincount(labels[labels >= 0]).argmax()) if (labels >= 0).any() else -1
+    # negatives: windows of test rows where the latent is 0 on every token, truth 0 for the
+    # topic's and -1 for the random ones
+    pool, negs = np.nonzero(is_test(cap['row_doc']))[0], []
+    for kind, rows, m in ((0, pool[cap['row_label'][pool] == topic], 10), (-1, pool, 20)):
+        for s in rng.choice(rows, min(len(rows), 40 * m), replace=False):
+            if len(negs) == m:
+                break
+            if not on(window(s, cap)).any():
+                negs.append((s, kind))
+    # the token baseline: the tokens at the peaks that make up 10% of them or more (at most 3),
+    # and at least the most common one
+    count = Counter(tok.decode([int(t)]).strip() for t in cap['tokens'][train])
+    common = [t for j, (t, c) in enumerate(count.most_common(3)) if j == 0 or c >= 0.1 * len(train)]
+    # the scorer's texts: positives then negatives (the truth says which), all unmarked
+    scored = np.concatenate([pos, [s for s, _ in negs]]).astype(int)
+    return {'snippets': [show(window(s, cap), tok, cap, on(window(s, cap)), mark) for s in shown],
+            'texts': [show(window(s, cap), tok, cap) for s in scored],
+            'truth': [1] * len(pos) + [kind for _, kind in negs],
+            'token': 'the token' + 's' * (len(common) > 1) + ' ' +
+                     ', '.join(f"'{t}'" for t in common),
+            # for interp.json: where the texts come from
+            'about': {'topic': names[topic] if topic >= 0 else None,
+                      'contexts': {'explain': len(train), 'score': len(test)},
+                      'positives': len(pos), 'negatives': len(negs),
+                      'explain_rows': shown.tolist(), 'score_rows': scored.tolist()}}
+
 # bump it when a prompt changes: interp.json records it, and the cache keys hold the prompts, so no
 # answer to an old prompt is reused for a new one
 PROMPT_VERSION = 2
@@ -388,86 +560,89 @@ def explanation(answer, snippets):
         return ''
     return text
 
-# How many contexts each latent fires in, on the explain side and on the score side (n,) each.
-def context_counts(codes, cap, n):
-    _, idx, row = (t.numpy() for t in codes)
-    # each (context, latent) pair once, then split by its context's document
-    pairs = np.unique(cap['ctx'][row].astype(np.int64) * n + idx)
-    ctx, lat = pairs // n, pairs % n
-    ho = is_test(cap['doc'][ctx])
-    return np.bincount(lat[~ho], minlength=n), np.bincount(lat[ho], minlength=n)
+# The numbers over latents of one kind of explanation: mean and spread of balanced accuracy, the
+# share at 0.7 or more, the mean AUROC (None without P(yes)), how many answers failed to parse.
+def summarize(scores):
+    acc = [s['balanced_accuracy'] for s in scores if s['balanced_accuracy'] is not None]
+    # rounded to 4 places; None where no latent has a number
+    r4 = lambda xs, f=np.mean: round(float(f(xs)), 4) if xs else None
+    auroc = {f'{k}_mean': r4([s[k] for s in scores if k in s])
+             for k in ('auroc', 'auroc_topic', 'auroc_random')}
+    return {'mean': r4(acc), 'sd': r4(acc, np.std), **auroc,
+            'share_at_least_0.7': r4([x >= 0.7 for x in acc]), 'latents': len(acc),
+            'failed_answers': sum(s['failed'] for s in scores)}
 
-# The rows of the window around row r (`before` rows before it, `after` after) that exist and
-# belong to r's context: a run, as a context's rows are consecutive. (The dashboard's windows too.)
-def window(r, cap, before=W_BEFORE, after=W_AFTER):
-    rows = np.arange(max(r - before, 0), min(r + after + 1, len(cap['ctx'])))
-    return rows[cap['ctx'][rows] == cap['ctx'][r]]
+# The explanations' lines: each kind's numbers (summarize's: the AUROC for a local scorer, balanced
+# accuracy for both), then the failures and the time.
+def print_interp(report, folder):
+    for k, s in report['summary'].items():
+        print(f"{k:6s} explanations: " + ', '.join(f"{m} {v}" for m, v in s.items()))
+    print(f"{report['failed_explanations']} explanations failed (they repeated the prompt or "
+          f"copied a text, twice); wrote {folder}/interp.json: {report['seconds_per_latent']}s per "
+          f"latent with {report['explainer']}")
 
-# The text of a window, tokens decoded one by one; where the latent is above `mark`, the token is
-# marked <<like this>> (a run of marked tokens is one mark; a leading space stays outside).
-def show(rows, tok, cap, acts=(), mark=math.inf):
-    out = ''
-    # no activations: plain text (the scorer's texts carry no marks)
-    for t, v in itertools.zip_longest(cap['tokens'][rows], acts, fillvalue=0):
-        s = tok.decode([int(t)])
-        word = s.lstrip()
-        out += s[:len(s) - len(word)] + f'<<{word}>>' if v > mark and word else s
-    return out.replace('>><<', '').strip()
+# -----------------------------------------------------------------------------
+# verify (--verify) -> verify.json
 
-# One latent's examples, one per context (its peak): explainer snippets from the explain documents
-# (the top 10 contexts and one from each decile of the rest), detection texts from the test
-# ones (2 positives per decile; 10 negatives from documents of the latent's topic and 10 random,
-# each a window where the latent is 0 on every token), and the token baseline.
-def examples(i, codes, cap, tok, rng, names):
-    codes = tuple(t.numpy() for t in codes)
-    # the latent on every row of a run of rows
-    on = functools.partial(latent_on, codes, i)
+# The rule (README, "Verify by steering", says why): a strength is allowed when the clean model
+# finds the new tokens at most FLUENCY nats per token less likely than the unsteered ones; chosen
+# on the even prompts, it is the allowed strength whose re-detection rises most above the
+# control's; the latent is verified when that lift, on the odd prompts, exceeds MARGIN. The prompts:
+# the first PROMPT_TOKENS tokens of PROMPTS unseen articles, continued by NEW_TOKENS tokens.
+FLUENCY, MARGIN, PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 1.0, 0.05, 8, 8, 24
 
-    # the latent's rows, largest first (ties in row order), then each context's first: its peak
-    hit = np.nonzero(codes[1] == i)[0]
-    r = codes[2][hit][np.argsort(-codes[0][hit], kind='stable')]
-    r = r[np.sort(np.unique(cap['ctx'][r], return_index=True)[1])]
-    train, test = r[~is_test(cap['row_doc'][r])], r[is_test(cap['row_doc'][r])]
+# Latent i pushed on the prompts (P, L): its decoder row times each strength (times `unit`) added
+# at the block from position `skip` on, and a random direction of the same norm at the same
+# strengths (the control, drawn per latent from the seed), greedy, n new tokens, P * (2S - 1)
+# continuations in one batch. Per strength, for the latent and the control, over all prompts:
+# re-detection (the share of new tokens on which the SAE, reading the clean model, finds the
+# latent), the latent's mean value there, the output score (the probability the steered model
+# puts on the latent's `top` promoted tokens) and the clean model's NLL per new token. Then the
+# rule's strength and lift; with an explanation, how well the explainer's judge (`backend`) tells
+# by it the texts steered at that strength from the unsteered ones.
+@torch.no_grad()
+def verify_latent(lm, tok, block, sae, i, prompts, strengths, unit, skip, seed, explanation,
+                  backend):
+    P, S, n = len(prompts), len(strengths), NEW_TOKENS
+    rand = torch.randn(sae.W_dec.shape[1], generator=torch.Generator().manual_seed(seed + i))
+    # the rows: the latent at each strength (0: unsteered), then the control at the others
+    dirs = torch.stack([sae.W_dec[i]] * S + [rand.to(sae.W_dec) / rand.norm()] * (S - 1))
+    vecs = dirs * dirs.new_tensor(strengths + strengths[1:])[:, None] * unit
+    handle = attach(block, lambda h: h + vecs.repeat_interleave(P, 0)[:, None], skip)
+    # no stop at an end token: every row gets n new tokens
+    out = lm.generate(prompts.repeat(2 * S - 1, 1), max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    handle.remove()
+    seqs, h = out.sequences, []
+    texts = tok.batch_decode(seqs[:, -n:])
+    # the clean model reads every row back: latent i through the SAE at the block, and the NLL
+    handle = block.register_forward_hook(lambda m, a, o: h.append(hidden(o)))
+    logp = lm(input_ids=seqs, logits_to_keep=n + 1).logits[:, :-1].float().log_softmax(-1)
+    handle.remove()
+    act = sae.encode(h[0][:, -n:].flatten(0, 1).float())[:, i].view(-1, n)
+    top = logit_effects(lm, sae, [i])[0][0]
+    x = torch.stack([act > 0, act, torch.stack(out.logits, 1).float().softmax(-1)[..., top].sum(-1),
+                     -logp.gather(2, seqs[:, -n:, None])[..., 0]], 2)
+    # (2S - 1, P, 4): each row's means over its new tokens; the control's row at 0 is the latent's
+    x = x.double().mean(1).view(2 * S - 1, P, 4)
+    lat, ctl = x[:S], torch.cat([x[:1], x[S:]])
+    # per strength and prompt: the lift in re-detection over the control, the fluency cost
+    lift, cost = lat[..., 0] - ctl[..., 0], lat[..., 3] - lat[:1, :, 3]
+    j = int(torch.where(cost[:, 0::2].mean(1) <= FLUENCY, lift[:, 0::2].mean(1), -1).argmax())
+    r4 = lambda t: t.round(decimals=4).tolist()
+    # per strength, each figure by name (the page reads them so)
+    named = lambda t: [dict(zip(['redetect', 'act', 'output', 'nll'], r)) for r in r4(t.mean(1))]
+    r = {'latent': named(lat), 'control': named(ctl), 'chosen': strengths[j],
+         'lift': r4(lift[j, 1::2].mean()), 'fluency_cost': r4(cost[j, 1::2].mean()),
+         'samples': texts[:S * P:P]}
+    r['verified'] = r['lift'] > MARGIN
+    if explanation and j:
+        r['judge'] = detection(backend[1](explanation, texts[j * P:(j + 1) * P] + texts[:P]),
+                               [1] * P + [0] * P, backend[2])
+    return r
 
-    # n rows from each of the ten deciles of `rows` (largest first)
-    def spread(rows, n):
-        parts = [p for p in np.array_split(rows, 10) if len(p)]
-        return np.concatenate([rng.choice(p, min(len(p), n), replace=False) for p in parts])
-    # the top and the whole range: the weak activations make up most firings
-    shown = np.concatenate([train[:10], spread(train[10:], 1)])
-    # marks at 0.3 of the latent's largest value (delphi's threshold)
-    mark = 0.3 * on(train[:1])[0]
-    # positives over the whole range too: a score on top examples alone would flatter
-    pos = spread(test, 2)
-    # the latent's topic: the most common label of its peaks' documents (-1: no labels); its
-    # negatives from the same topic test the explanation, not the topic's vocabulary
-    labels = cap['row_label'][train]
-    topic = int(np.bincount(labels[labels >= 0]).argmax()) if (labels >= 0).any() else -1
-    # negatives: windows of test rows where the latent is 0 on every token, truth 0 for the
-    # topic's and -1 for the random ones
-    pool, negs = np.nonzero(is_test(cap['row_doc']))[0], []
-    for kind, rows, m in ((0, pool[cap['row_label'][pool] == topic], 10), (-1, pool, 20)):
-        for s in rng.choice(rows, min(len(rows), 40 * m), replace=False):
-            if len(negs) == m:
-                break
-            if not on(window(s, cap)).any():
-                negs.append((s, kind))
-    # the token baseline: the tokens at the peaks that make up 10% of them or more (at most 3),
-    # and at least the most common one
-    count = Counter(tok.decode([int(t)]).strip() for t in cap['tokens'][train])
-    common = [t for j, (t, c) in enumerate(count.most_common(3)) if j == 0 or c >= 0.1 * len(train)]
-    # the scorer's texts: positives then negatives (the truth says which), all unmarked
-    scored = np.concatenate([pos, [s for s, _ in negs]]).astype(int)
-    return {'snippets': [show(window(s, cap), tok, cap, on(window(s, cap)), mark) for s in shown],
-            'texts': [show(window(s, cap), tok, cap) for s in scored],
-            'truth': [1] * len(pos) + [kind for _, kind in negs],
-            'token': 'the token' + 's' * (len(common) > 1) + ' ' +
-                     ', '.join(f"'{t}'" for t in common),
-            # for interp.json: where the texts come from
-            'about': {'topic': names[topic] if topic >= 0 else None,
-                      'contexts': {'explain': len(train), 'score': len(test)},
-                      'positives': len(pos), 'negatives': len(negs),
-                      'explain_rows': shown.tolist(), 'score_rows': scored.tolist()}}
+# -----------------------------------------------------------------------------
+# the LLM client: answer cache, local and endpoint backends, retries, threads (skip on a first read)
 
 # Every model call's answer, keyed by a hash of its request: a dict, and the same answers as JSON
 # lines appended to cache.jsonl as they come (the file is returned open for that). A killed
@@ -511,7 +686,7 @@ def local_backend(name, lm, tok, cache, log, batch_size):
         found = [tok.encode(w, add_special_tokens=False) for w in words]
         return [t[0] for t in found if len(t) == 1]
     yes, no = ids('yes', 'Yes', ' yes', ' Yes'), ids('no', 'No', ' no', ' No')
-    dev = next(lm.parameters()).device
+    dev = lm.device
 
     # the text a chat model reads for a conversation, up to where its answer starts
     def prompt(messages):
@@ -621,42 +796,6 @@ def http_backend(url, model, key_env, cache, log, timeout):
         return out
     return chat, judge
 
-# Detection scores of one explanation on one latent's texts (half positives by construction). With
-# P(yes) from a local model: the AUROC (the headline: a rank, so the model's prior for 'yes' cancels
-# out; a 1.5B model gave every text 0.65-0.82, which a cut at 0.5 calls all 'yes') and balanced
-# accuracy with the median P(yes) of these texts as the cut (chosen without the truth). With 0/1
-# answers (an endpoint): balanced accuracy. Answers that did not parse (None) are counted.
-def detection(p, truth, probabilities):
-    # the answers that parsed, by truth: 1 a positive, 0 a negative of the latent's topic, -1 a
-    # random one
-    got = {t: [q for q, u in zip(p, truth) if u == t and q is not None] for t in (1, 0, -1)}
-    pos, neg = got[1], got[0] + got[-1]
-    out = {'balanced_accuracy': None, 'failed': sum(q is None for q in p)}
-    cut = float(np.median(pos + neg)) if probabilities and pos and neg else 0.5
-    # the mean of the two recalls: 0.5 for any constant answer, whatever the mix
-    if pos and neg:
-        tpr, tnr = np.mean([q > cut for q in pos]), np.mean([q <= cut for q in neg])
-        out['balanced_accuracy'] = round(float(tpr + tnr) / 2, 4)
-    # the chance that a positive gets a higher P(yes) than a negative (ties: half): against all
-    # of them, and against each kind (a broad explanation may tell the latent's texts from random
-    # text but not from its topic's); a kind apart only when both kinds are there
-    for key, ns in (('auroc', neg), ('auroc_topic', got[0]), ('auroc_random', got[-1])):
-        if pos and ns and probabilities and (key == 'auroc' or ns != neg):
-            out[key] = round(float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in ns])), 4)
-    return out
-
-# The numbers over latents of one kind of explanation: mean and spread of balanced accuracy, the
-# share at 0.7 or more, the mean AUROC (None without P(yes)), how many answers failed to parse.
-def summarize(scores):
-    acc = [s['balanced_accuracy'] for s in scores if s['balanced_accuracy'] is not None]
-    # rounded to 4 places; None where no latent has a number
-    r4 = lambda xs, f=np.mean: round(float(f(xs)), 4) if xs else None
-    auroc = {f'{k}_mean': r4([s[k] for s in scores if k in s])
-             for k in ('auroc', 'auroc_topic', 'auroc_random')}
-    return {'mean': r4(acc), 'sd': r4(acc, np.std), **auroc,
-            'share_at_least_0.7': r4([x >= 0.7 for x in acc]), 'latents': len(acc),
-            'failed_answers': sum(s['failed'] for s in scores)}
-
 # fn over items, `workers` at a time (threads: they wait on the network), in order, with the
 # stage's progress; on an error (a SystemExit from a worker) the queued work is dropped, not run
 # to the end
@@ -667,142 +806,22 @@ def parallel(fn, items, workers, stage):
     finally:
         pool.shutdown(cancel_futures=True)
 
-# The latents to explain or verify: `which` when named, else `count` drawn uniformly, with the seed,
-# among those that fire in enough contexts on both sides of the document split (a choice by density
-# or by score would bias the means). The draws nest: the first of a larger draw are a smaller one.
-def choose(codes, cap, n, count, which, seed, key):
-    n_train, n_test = context_counts(codes, cap, n)
-    ok = np.nonzero((n_train >= MIN_EXPLAIN) & (n_test >= MIN_SCORE))[0]
-    enough = (f"this SAE has {len(ok)} latents that fire in {MIN_EXPLAIN}+ contexts of the "
-              f"explain documents and {MIN_SCORE}+ of the test ones")
-    bad = [i for i in which if i not in set(ok.tolist())]
-    if bad:
-        raise SystemExit(f"--latents: {bad[0]} cannot be explained and scored: {enough}")
-    if not which and count > len(ok):
-        raise SystemExit(f"--{key}={count} is more than {enough}: pass at most {len(ok)}")
-    return which or sorted(ok[np.random.default_rng(seed).permutation(len(ok))[:count]].tolist())
-
-# Explain latents and score the explanations: the LLM's, the token baseline and a random one (the
-# next latent's, in a ring), each by detection on the same test texts. Returns interp.json.
-def interpret(sae, meta, cap, codes, tok, backend, chosen, seed):
-    chat, judge, probabilities, workers = backend
-    # the clock for seconds_per_latent starts after the model load and the encoding
-    t0 = time.time()
-    # each latent's examples with its own generator: the same latent gets the same examples
-    ex = [examples(i, codes, cap, tok, np.random.default_rng([seed, i]), meta['labels'])
-          for i in chosen]
-    # every explanation first: the random control needs another latent's
-    numbered = ['\n'.join(f'{j + 1}. {s}' for j, s in enumerate(e['snippets'])) for e in ex]
-
-    # an answer that repeats the prompt or copies a text gets one reminder; then it has failed
-    # (None): it is counted, never scored as if it were an explanation
-    def explain(snippets):
-        ask = explain_messages(snippets)
-        first = chat(ask, 40)
-        again = ask + [{'role': 'assistant', 'content': first},
-                       {'role': 'user', 'content': EXPLAIN_AGAIN}]
-        return explanation(first, snippets) or explanation(chat(again, 40), snippets) or None
-    llm = parallel(explain, numbered, workers, 'explain: explanations')
-    # the random control: the next latent's explanation that did not fail, in a ring
-    done = [j for j, e in enumerate(llm) if e]
-    ring = {j: done[(q + 1) % len(done)] for q, j in enumerate(done)} if len(done) > 1 else {}
-
-    # the three explanations of latent j (those it has), scored on its test texts
-    def score(j):
-        kinds = {'llm': llm[j], 'token': ex[j]['token'],
-                 'random': llm[ring[j]] if j in ring else None}
-        s = {k: detection(judge(text, ex[j]['texts']), ex[j]['truth'], probabilities)
-             for k, text in kinds.items() if text}
-        head = 'auroc' if probabilities else 'balanced_accuracy'
-        got = ' | '.join(f"{k} {v.get(head)}" for k, v in s.items())
-        print(f"latent {chosen[j]:6d} | {head}: {got} | {str(llm[j])[:60]!r}", flush=True)
-        return s
-    # the time per latent covers examples, explaining and scoring
-    scores = parallel(score, range(len(chosen)), workers, 'explain: scores')
-    latents = {str(i): {'explanation': llm[j], 'token_baseline': e['token'], 'scores': scores[j],
-                        'random_from': int(chosen[ring[j]]) if j in ring else None, **e['about']}
-               for j, (i, e) in enumerate(zip(chosen, ex))}
-    # the LLM's explanations only mean something next to the controls'
-    summary = {k: summarize([s[k] for s in scores if k in s]) for k in ('llm', 'token', 'random')
-               if any(k in s for s in scores)}
-    headline = ('auroc_mean: the AUROC of P(yes), free of the scorer\'s prior for yes'
-                if probabilities else 'mean: balanced accuracy of the 0/1 answers')
-    return {'latents': latents, 'summary': summary, 'headline': headline,
-            'failed_explanations': sum(e is None for e in llm),
-            'balanced_accuracy_cut': 'the median P(yes) of the latent\'s texts' if probabilities
-            else '0.5', 'prompt_version': PROMPT_VERSION,
-            'seconds_per_latent': round((time.time() - t0) / len(chosen), 2)}
+# The explainer's two functions and how to read them: (chat, judge, P(yes) or 0/1 answers, threads)
+# from an endpoint (an http(s) URL: text answers only, requests_in_flight at a time) or a local
+# model (the SAE's own, loaded already, or another in the same dtype; one call at a time: a forward
+# pass already uses every core).
+def make_backend(name, model, key_env, in_flight, timeout, lm, tok, cache, log, batch_size, dtype,
+                 device, own):
+    if name.startswith(('http://', 'https://')):
+        if not model:
+            raise SystemExit(f"--explainer={name} is an endpoint: name the model it serves with "
+                             f"--explainer_model=, e.g. llama3.1:8b (Ollama)")
+        return (*http_backend(name, model, key_env, cache, log, timeout), False, in_flight)
+    xlm, xtok = (lm, tok) if name == own else load_model(name, device, dtype)
+    return (*local_backend(name, xlm, xtok, cache, log, batch_size), True, 1)
 
 # -----------------------------------------------------------------------------
-# verify (--verify) -> verify.json
-
-# The rule (README, "Verify by steering", says why): a strength is allowed when the clean model
-# finds the new tokens at most FLUENCY nats per token less likely than the unsteered ones; chosen
-# on the even prompts, it is the allowed strength whose re-detection rises most above the
-# control's; the latent is verified when that lift, on the odd prompts, exceeds MARGIN. The prompts:
-# the first PROMPT_TOKENS tokens of PROMPTS unseen articles, continued by NEW_TOKENS tokens.
-FLUENCY, MARGIN, PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 1.0, 0.05, 8, 8, 24
-
-# The unit of --strength: the median norm of the residual stream at the SAE's block, as sae.py
-# measured it (in a file that predates that, its sink cut over the cut's factor). A push of a given
-# norm costs fluency whatever its direction (README, "Verify by steering"), so one unit for all
-# latents gives each the same budget.
-def strength_unit(info):
-    return info.get('median_norm') or info['max_norm'] / info['config']['sink_norm']
-
-# Latent i pushed on the prompts (P, L): its decoder row times each strength (times `unit`) added
-# at the block from position `skip` on, and a random direction of the same norm at the same
-# strengths (the control, drawn per latent from the seed), greedy, n new tokens, P * (2S - 1)
-# continuations in one batch. Per strength, for the latent and the control, over all prompts:
-# re-detection (the share of new tokens on which the SAE, reading the clean model, finds the
-# latent), the latent's mean value there, the output score (the probability the steered model
-# puts on the latent's `top` promoted tokens) and the clean model's NLL per new token. Then the
-# rule's strength and lift; with an explanation, how well the explainer's judge (`backend`) tells
-# by it the texts steered at that strength from the unsteered ones.
-@torch.no_grad()
-def verify_latent(lm, tok, block, sae, i, prompts, strengths, unit, skip, seed, explanation,
-                  backend):
-    P, S, n = len(prompts), len(strengths), NEW_TOKENS
-    rand = torch.randn(sae.W_dec.shape[1], generator=torch.Generator().manual_seed(seed + i))
-    # the rows: the latent at each strength (0: unsteered), then the control at the others
-    dirs = torch.stack([sae.W_dec[i]] * S + [rand.to(sae.W_dec) / rand.norm()] * (S - 1))
-    vecs = dirs * dirs.new_tensor(strengths + strengths[1:])[:, None] * unit
-    handle = attach(block, lambda h: h + vecs.repeat_interleave(P, 0)[:, None], skip)
-    try:
-        # no stop at an end token: every row gets n new tokens
-        out = lm.generate(prompts.repeat(2 * S - 1, 1), max_new_tokens=n, do_sample=False,
-                          eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-    finally:
-        handle.remove()
-    seqs, h = out.sequences, []
-    texts = tok.batch_decode(seqs[:, -n:])
-    # the clean model reads every row back: latent i through the SAE at the block, and the NLL
-    handle = block.register_forward_hook(lambda m, a, o: h.append(hidden(o)))
-    logp = lm(input_ids=seqs, logits_to_keep=n + 1).logits[:, :-1].float().log_softmax(-1)
-    handle.remove()
-    vals, idx = sae.encode(h[0][:, -n:].flatten(0, 1).float())
-    act = (vals * (idx == i)).sum(1).view(-1, n)
-    top = logit_effects(lm, sae, [i])[0][0]
-    x = torch.stack([act > 0, act, torch.stack(out.logits, 1).float().softmax(-1)[..., top].sum(-1),
-                     -logp.gather(2, seqs[:, -n:, None])[..., 0]], 2)
-    # (2S - 1, P, 4): each row's means over its new tokens; the control's row at 0 is the latent's
-    x = x.double().mean(1).view(2 * S - 1, P, 4)
-    lat, ctl = x[:S], torch.cat([x[:1], x[S:]])
-    # per strength and prompt: the lift in re-detection over the control, the fluency cost
-    lift, cost = lat[..., 0] - ctl[..., 0], lat[..., 3] - lat[:1, :, 3]
-    j = int(torch.where(cost[:, 0::2].mean(1) <= FLUENCY, lift[:, 0::2].mean(1), -1).argmax())
-    r4 = lambda t: t.round(decimals=4).tolist()
-    r = {'latent': r4(lat.mean(1)), 'control': r4(ctl.mean(1)), 'chosen': strengths[j],
-         'lift': r4(lift[j, 1::2].mean()), 'fluency_cost': r4(cost[j, 1::2].mean()),
-         'samples': texts[:S * P:P]}
-    r['verified'] = r['lift'] > MARGIN
-    if explanation and j:
-        r['judge'] = detection(backend[1](explanation, texts[j * P:(j + 1) * P] + texts[:P]),
-                               [1] * P + [0] * P, backend[2])
-    return r
-
-# -----------------------------------------------------------------------------
-# dashboard (--browse) -> browser.html, browser.json
+# dashboard (--browse) -> browser.html, browser.json (skip on a first read)
 
 # the window shown around a firing token: 8 tokens before it and 3 after
 BEFORE, AFTER = 8, 3
@@ -815,7 +834,7 @@ N_BINS = 96
 # row order.
 @torch.no_grad()
 def scan(codes, n, E, R):
-    v, lat = codes[0], codes[1].long()
+    v, lat = codes.vals, codes.lat.long()
     # log2 bins, 4 per octave from 2^-10; anything smaller goes in the first bin
     bins = ((v.log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
     hist = torch.bincount(lat * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
@@ -833,32 +852,20 @@ def scan(codes, n, E, R):
         sets.append([o[e - c:e - c + min(c, m)] for e, c in zip(ends, count.tolist())])
     return count, hist, sets
 
-# Example c (a code, on row r) of latent i as the page reads it, from the codes as numpy arrays:
+# The page's example c (a code, on row r) of latent i, from the codes as numpy arrays:
 # the window of rows around r within its context (with the context's token 0 when the capture did
 # not store it) as indices into the page's token table (`vocab`, token id -> index, which grows as
 # tokens come), the latent on each token in tenths of `big` (its largest value: OpenAI's explainer
 # scale), the firing token's place, and its value.
-def example(c, i, codes, cap, big, vocab):
-    r = int(codes[2][c])
+def page_example(c, i, codes, cap, big, vocab):
+    r = int(codes.row[c])
     rows = window(r, cap, BEFORE, AFTER)
     ids, acts, at = cap['tokens'][rows].tolist(), latent_on(codes, i, rows), r - int(rows[0])
     # the window reaches the start of a context whose token 0 is not a row
     if cap['pos'][rows[0]] == 1:
         ids, acts, at = [int(cap['first'][cap['ctx'][r]])] + ids, np.r_[0, acts], at + 1
     return [[vocab.setdefault(t, len(vocab)) for t in ids],
-            np.rint(10 * acts / big).astype(int).tolist(), at, round(float(codes[0][c]), 3)]
-
-# Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
-# it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
-def logit_effects(lm, sae, live):
-    norm = final_norm(lm)
-    up, down = [], []
-    for j in range(0, len(live), 512):
-        d = sae.W_dec[live[j:j + 512]][None].to(lm.dtype)
-        logits = lm.get_output_embeddings()(norm(d))[0]
-        up += logits.topk(8, -1).indices.tolist()
-        down += (-logits).topk(8, -1).indices.tolist()
-    return up, down
+            np.rint(10 * acts / big).astype(int).tolist(), at, round(float(codes.vals[c]), 3)]
 
 # Write the dashboard beside the SAE: browser.html (one static page, open from disk) and the same
 # data as browser.json for programs. Every live latent: density, activation histogram, top and
@@ -872,20 +879,19 @@ def dashboard(lm, tok, sae, info, folder, cap, codes, n_show, E, R=10, Q=5):
     up, down = logit_effects(lm, sae, live)
     # the page's token table, in order of first use (and numpy: it indexes small arrays several
     # times faster than torch)
-    codes_np, vocab, cards = tuple(t.numpy() for t in codes), {}, []
+    codes_np, vocab, cards = Codes(*(t.numpy() for t in codes)), {}, []
     for j, i in enumerate(progress('dashboard: examples', live.tolist())):
         top, sample = (s[i].tolist() for s in sets)
-        big = float(codes_np[0][top[0]])
+        big = float(codes_np.vals[top[0]])
         # the random sample by value, in Q groups of equal size: examples from each quantile
-        sample.sort(key=lambda c: codes_np[0][c])
+        sample.sort(key=lambda c: codes_np.vals[c])
         quant = [sample[q * len(sample) // Q:(q + 1) * len(sample) // Q] for q in range(Q)]
         # the histogram from its first to its last nonempty bin (the page labels both ends)
         nz = torch.nonzero(hist[i]).flatten().tolist()
-        cards.append({'i': i, 'density': count[i].item() / len(cap['ctx']),
-                      'count': count[i].item(), 'max': round(big, 3),
+        cards.append({'i': i, 'count': count[i].item(),
                       'hist': [nz[0], hist[i, nz[0]:nz[-1] + 1].tolist()],
-                      'top': [example(c, i, codes_np, cap, big, vocab) for c in top],
-                      'quant': [[example(c, i, codes_np, cap, big, vocab) for c in part]
+                      'top': [page_example(c, i, codes_np, cap, big, vocab) for c in top],
+                      'quant': [[page_example(c, i, codes_np, cap, big, vocab) for c in part]
                                 for part in quant],
                       'promotes': [vocab.setdefault(t, len(vocab)) for t in up[j]],
                       'suppresses': [vocab.setdefault(t, len(vocab)) for t in down[j]]})
@@ -895,6 +901,7 @@ def dashboard(lm, tok, sae, info, folder, cap, codes, n_show, E, R=10, Q=5):
     # everything the page shows, and browser.json for programs: the SAE's numbers from training
     # and eval.json, and what --explain wrote, as they are (the page picks from them)
     data = {'model': info['model'], 'hook': info['hook'], 'n_latents': n, 'k': sae.k,
+            'rows': len(cap['ctx']),
             'arch': sae.arch, 'ends': sae.ends, 'dead': int((count == 0).sum()),
             'eval': {**info.get('eval', {}), **read_json(folder / 'eval.json')},
             'curve': [r['eval'] for r in logged if 'eval' in r],
@@ -930,6 +937,8 @@ svg { display: block; margin: .3em 0 1em }
 <script>
 // elements by their id: the browser makes each id a global (data, title, card, list, ...)
 const D = JSON.parse(data.textContent), byId = new Map(D.latents.map(l => [l.i, l]))
+// each latent's density (its share of the capture's rows) and largest value (its top example's)
+for (const l of D.latents) [l.density, l.max] = [l.count / D.rows, l.top[0][3]]
 const esc = s => String(s).replace(/[&<>"]/g, c => '&#' + c.charCodeAt(0) + ';')
 const toks = ts => ts.map(t => `<code>${esc(D.vocab[t])}</code>`).join(' ')
 // bars: one rect per count, keeping it in data-count; the two ends labelled below
@@ -996,8 +1005,8 @@ function hist() {
   for (const l of D.latents) h[Math.min(27, Math.floor((Math.log10(l.density) + 7) * 4))]++
   return h
 }
-// re-detection, output score and NLL against strength, the latent's and the random direction's
-// (verify.json's columns 0, 2, 3), the verdict and a sample per strength
+// re-detection, output score and NLL against strength, the latent's and the random direction's,
+// the verdict and a sample per strength
 function drawVerify(i) {
   const v = verified(i), S = D.verify.settings?.strengths
   if (!v) return ''
@@ -1005,10 +1014,10 @@ function drawVerify(i) {
   return `<h3 class="verdict">steering: ${v.verified ? 'verified' : 'not verified'}</h3><p>at ` +
     `x${v.chosen}: re-detection ${v.lift} above the random direction (odd prompts), fluency ` +
     `cost ${v.fluency_cost} nats per token; orange the latent, grey the random direction</p>` +
-    [['re-detection (share of new tokens)', 0], ['output score (probability on its promoted ' +
-    'tokens)', 2], ['NLL per new token, clean model', 3]].map(([name, c]) => chart(name, S,
-    col(c), 'x0', `x${S.at(-1)}`)).join('') + '<ol class="samples">' + v.samples.map((t, j) =>
-    `<li>x${S[j]}: <span class="ex">${esc(t)}</span>`).join('') + '</ol>'
+    [['re-detection (share of new tokens)', 'redetect'], ['output score (probability on its ' +
+    'promoted tokens)', 'output'], ['NLL per new token, clean model', 'nll']].map(([name, c]) =>
+    chart(name, S, col(c), 'x0', `x${S.at(-1)}`)).join('') + '<ol class="samples">' +
+    v.samples.map((t, j) => `<li>x${S[j]}: <span class="ex">${esc(t)}</span>`).join('') + '</ol>'
 }
 // a latent's card: density, histogram of its activations, examples, explanation, logit effects
 function drawCard(i) {
@@ -1062,6 +1071,42 @@ show()
 '''
 
 # -----------------------------------------------------------------------------
+# plumbing: progress lines, the checks of the arguments that need the SAE (skip on a first read)
+
+# The items, one at a time, and a progress line for the stage after each one that ends 10 s or more
+# after the last line: done of total, the time so far and an ETA (and one at the end of a stage
+# that took 10 s or more).
+def progress(stage, items, total=0):
+    total, t0 = total or len(items), time.time()
+    said = t0
+    for done, x in enumerate(items, 1):
+        yield x
+        now = time.time()
+        if now - said >= 10 or done == total and now - t0 >= 10:
+            said, eta = now, (now - t0) / done * (total - done)
+            print(f"{stage}: {done}/{total} | {now - t0:.0f}s | ETA {eta:.0f}s", flush=True)
+
+
+# --latent in range; --latents as latent indices (choose checks later that each can be explained);
+# --strengths as numbers >= 0, one at least above 0, with 0 (unsteered) always in. Returns both
+# lists.
+def check_lists(latent, latents, strengths, n):
+    # (rules has checked latent >= -1)
+    if latent >= n:
+        raise SystemExit(f"--latent={latent} is out of range: this SAE has latents 0..{n - 1}")
+    which = [s.strip() for s in latents.split(',') if s.strip()]
+    if not all(s.isdigit() and int(s) < n for s in which):
+        raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
+                         f"0..{n - 1}, e.g. --latents=3,17,42")
+    ok = re.fullmatch(r'(\d*\.?\d+,)*\d*\.?\d+', strengths)
+    grid = sorted({0.0, *map(float, strengths.split(','))}) if ok else []
+    if len(grid) < 2:
+        raise SystemExit(f"--strengths={strengths}: valid is a comma-separated list of numbers "
+                         f">= 0, one at least above 0 (0, unsteered, is added), e.g. "
+                         f"--strengths=2,4,8,16")
+    return [int(s) for s in which], grid
+
+# -----------------------------------------------------------------------------
 if __name__ == '__main__':
     t_start = time.time()
     # every key checked before anything is loaded
@@ -1070,50 +1115,38 @@ if __name__ == '__main__':
         raise SystemExit("--prompt is empty: give some text, e.g. --prompt=\"The capital of "
                          "France is\"")
     device = pick_device(device)
-    # -------------------------------------------------------------------------
     # the SAE, and its capture, model and block (all named in the SAE's file)
     sae, info = load_sae(sae_path, device)
     n, d = sae.W_dec.shape
-    # (rules has checked latent >= -1)
-    if latent >= n:
-        raise SystemExit(f"--latent={latent} is out of range: this SAE has latents 0..{n - 1}")
-    # --latents=3,17: latent indices, checked before the model loads (interpret checks later that
-    # each can be explained)
-    which = [s.strip() for s in latents.split(',') if s.strip()]
-    if not all(s.isdigit() and int(s) < n for s in which):
-        raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
-                         f"0..{n - 1}, e.g. --latents=3,17,42")
-    which = [int(s) for s in which]
-    # alone, --latents explains them
+    # --latent, --latents, --strengths against this SAE, before the model loads
+    which, grid = check_lists(latent, latents, strengths, n)
+
+    # -------------------------------------------------------------------------
+    # the stages this run does, all decided here. --prompt alone only reads (inspect, or steer
+    # with --latent). With no stage named: evaluate and browse, and probe when the capture has
+    # labels. --latents alone explains them. The stages that read the capture (probe, explain,
+    # verify, browse) check it now, before the model loads; evaluate and verify need text the SAE
+    # never saw (the default corpus's unseen articles, or --data); a run that writes beside the
+    # SAE holds its folder (a second one refuses, as with capture.py and sae.py).
     explain = explain or bool(which and not verify)
-    # --strengths: numbers >= 0, one at least above 0; 0 (unsteered) is always in
-    ok = re.fullmatch(r'(\d*\.?\d+,)*\d*\.?\d+', strengths)
-    grid = sorted({0.0, *map(float, strengths.split(','))}) if ok else []
-    if len(grid) < 2:
-        raise SystemExit(f"--strengths={strengths}: valid is a comma-separated list of numbers "
-                         f">= 0, one at least above 0 (0, unsteered, is added), e.g. "
-                         f"--strengths=2,4,8,16")
-    # no task named: evaluate and browse, and probe when the capture has labels
     default = not (evaluate or browse or prompt or probe or explain or verify)
     evaluate, browse = evaluate or default, browse or default
-    # the capture, for the stages that read it: checked before the model loads
     cap_dir = Path(info['data_dir'])
-    meta = check_capture(cap_dir, info) if probe or explain or verify or browse else None
+    reads = probe or explain or verify or browse
+    meta = check_capture(cap_dir, info) if reads else {}
     probe = probe or default and bool(meta['labels'])
     if probe and not meta['labels']:
         raise SystemExit(f"--probe needs document labels, and '{cap_dir}' has none: capture a "
                          f".jsonl whose lines carry a \"label\" (a class per document), or "
                          f"the default --data=wiki (topics)")
-    # evaluate and verify on text the SAE never saw: the default corpus never captures every 50th
-    # article; other text needs --data
     if (evaluate or verify) and not data and info['capture']['corpus'] != 'wiki':
         raise SystemExit("--data= is needed: text the SAE did not train on (.txt, folder, "
                          ".jsonl)")
-    # outputs go beside the SAE's file, and a run that writes them holds the folder (a second one
-    # refuses, as with capture.py and sae.py); --prompt only reads, and runs beside it
     folder = Path(sae_path) if os.path.isdir(sae_path) else Path(sae_path).parent
-    if evaluate or meta:
+    if evaluate or reads:
         lock_file = lock(folder, 'copy the folder and pass --sae_path=<the copy>')
+
+    # -------------------------------------------------------------------------
     # the model by the name stored in the SAE (an HF id, a local folder or a GGUF file)
     dtype, why = pick_dtype(dtype, device)
     lm, tok = load_model(info['model'], device, dtype)
@@ -1121,91 +1154,69 @@ if __name__ == '__main__':
         raise SystemExit(f"the SAE's d_model {d} does not match {info['model']}'s "
                          f"{lm.config.hidden_size}: pass the SAE trained on it")
     print(f"the model and the encoder's products in {dtype} ({why}; --dtype= to choose)")
-    # the block whose output the SAE reads and, when steering, writes
+    # the block whose output the SAE reads and, when steering, writes; the positions the capture
+    # excluded are never changed nor scored; strengths count in the residual's median norm
     block = blocks(lm)[1][info['layer']]
-    # the positions the capture excluded are never changed nor scored
-    skip = int(info['capture']['config']['exclude_first'])
-    # eval.json: each stage adds its numbers to what the others wrote
+    skip, unit = int(info['capture']['config']['exclude_first']), info['median_norm']
+
+    # -------------------------------------------------------------------------
+    # --prompt: the latents on each token, or the prompt completed without and with a push
+    ids = tok(prompt, return_tensors='pt').input_ids.to(device)
+    if prompt and latent == -1:
+        inspect(lm, tok, block, sae, ids, skip, top_latents)
+    elif prompt:
+        # the same seed for both, and a hook on both (the clean one changes nothing): any
+        # difference comes from the steering
+        clean, steered = (complete(lm, tok, block, fn, ids, skip, max_new_tokens, temperature, seed)
+                          for fn in (lambda h: h, steer_fn(sae, latent, strength * unit, mode)))
+        print(f"latent {latent}, {mode} {strength} x {unit:.3g} (the residual's median norm)\n"
+              f"--- clean ---\n{prompt}{clean}\n--- steered ---\n{prompt}{steered}")
+
+    # -------------------------------------------------------------------------
+    # evaluate on text the SAE never saw; eval.json: each stage adds its numbers to the others'
     ev_path = folder / 'eval.json'
     ev = read_json(ev_path)
     unseen = (read_docs(data) if data else read_docs('wiki', 'unseen'))[0] if evaluate or verify \
         else []
-
-    # -------------------------------------------------------------------------
-    # evaluate on text the SAE never saw: the default corpus's unseen articles, or --data
     if evaluate:
         # the same contexts as capture cuts, so the same positions are skipped
         ctxs, _ = contexts(tok, unseen, info['ctx_len'], eval_tokens, skip)
-        ce = evaluate_lm(lm, block, sae, ctxs, skip, batch_size, device)
-        print('\n'.join(f"{key:28s} {v:.4f}" for key, v in ce.items()))
-        ev.update(ce)
-        write_file(ev_path, ev)
+        ev.update(evaluate_lm(lm, block, sae, ctxs, skip, batch_size, device))
 
     # -------------------------------------------------------------------------
     # codes: every row of the capture encoded once, for all that follows
-    if meta:
+    if reads:
         t0 = time.time()
         codes = encode_all(sae, cap_dir / 'acts.npy', dtype)
         cap = read_capture(cap_dir)
         # L0 at inference: batchtopk and matryoshka keep what is above theta, not exactly k
-        ev['l0_inference'] = round(len(codes[0]) / meta['N'], 2)
+        ev['l0_inference'] = round(len(codes.vals) / meta['N'], 2)
         print(f"encoded {meta['N']} rows of the capture in {time.time() - t0:.0f}s: L0 "
-              f"{ev['l0_inference']}, {len(codes[0])} codes")
-
-    # -------------------------------------------------------------------------
+              f"{ev['l0_inference']}, {len(codes.vals)} codes")
     # probe: a capture too small for any class (a few thousand tokens) has nothing to report
     if probe:
-        probes = probe_capture(sae, meta, cap, codes, cap_dir / 'acts.npy')
-        ev.update(probes)
-        if not probes['probe_classes']:
-            print("k-sparse probes skipped: no class has 4+ documents on both sides of the split")
-    if probe and probes['probe_classes']:
-        # one line per k: the SAE's top-k latents against the top-k residual dimensions
-        print(f"k-sparse probes, {probes['probe_classes']} classes, test documents:")
-        for k in (1, 2, 5, 10):
-            print(f"  top-{k:<2d} SAE {probes[f'probe_sae_top{k}']:.3f} | residual "
-                  f"{probes[f'probe_residual_top{k}']:.3f}")
-        print(f"  full residual {probes['probe_residual_full']:.3f} (each class's best latent: "
-              f"eval.json)")
-    if meta:
+        ev.update(probe_capture(sae, meta, cap, codes, cap_dir / 'acts.npy'))
+    # eval.json's numbers, this run's and the earlier stages'
+    if evaluate or reads:
         write_file(ev_path, ev)
+        print('\n'.join(f"{k:28s} {v:.4f}" for k, v in ev.items() if isinstance(v, (int, float))))
 
     # -------------------------------------------------------------------------
-    # every answer of every explainer, and every verified latent, cached beside the SAE (the keys
-    # hold the model's name)
+    # the explainer, for explain and for verify's judge (of the explanations interp.json has): a
+    # local model (the SAE's own by default) or an endpoint; every answer cached beside the SAE
+    name = explainer or info['model']
     if explain or verify:
         cache, log = load_cache(folder / 'cache.jsonl')
-        name, backend = explainer or info['model'], None
-    # the explainer, for explain and for verify's judge (of the explanations interp.json has): a
-    # local model (the SAE's own by default) or an endpoint, with the same two functions
-    if explain or verify and (folder / 'interp.json').exists():
-        if name.startswith(('http://', 'https://')):
-            if not explainer_model:
-                raise SystemExit(f"--explainer={name} is an endpoint: name the model it serves "
-                                 f"with --explainer_model=, e.g. llama3.1:8b (Ollama)")
-            # text answers only (balanced accuracy, no AUROC), requests_in_flight at a time
-            backend = (*http_backend(name, explainer_model, api_key_env, cache, log, timeout),
-                       False, requests_in_flight)
-        else:
-            # the SAE's own model is loaded already; another one in the same dtype
-            xlm, xtok = (lm, tok) if name == info['model'] else load_model(name, device, dtype)
-            # one call at a time: a forward pass already uses every core
-            backend = (*local_backend(name, xlm, xtok, cache, log, batch_size), True, 1)
+        backend = make_backend(name, explainer_model, api_key_env, requests_in_flight, timeout,
+                               lm, tok, cache, log, batch_size, dtype, device, info['model']) \
+            if explain or (folder / 'interp.json').exists() else None
     # explain: the SAE's tokenizer decodes the snippets; the explainer tokenizes them again
     if explain:
         chosen = choose(codes, cap, n, explain, which, seed, 'explain')
         report = interpret(sae, meta, cap, codes, tok, backend, chosen, seed)
         report.update(explainer=name, explainer_model=explainer_model or None)
         write_file(folder / 'interp.json', report)
-        # the headline first: AUROC for a local scorer, balanced accuracy for an endpoint
-        for k, s in report['summary'].items():
-            print(f"{k:6s} explanations: AUROC {s['auroc_mean']} (topic's negatives "
-                  f"{s['auroc_topic_mean']}, random ones {s['auroc_random_mean']}), balanced "
-                  f"accuracy {s['mean']} +- {s['sd']} ({s['share_at_least_0.7']} at 0.7+), "
-                  f"{s['failed_answers']} answers unparsed")
-        print(f"{report['failed_explanations']} explanations failed (they repeated the prompt or "
-              f"copied a text, twice)")
-        print(f"wrote {folder}/interp.json: {report['seconds_per_latent']}s per latent with {name}")
+        print_interp(report, folder)
 
     # -------------------------------------------------------------------------
     # verify: push each latent and read back what the model writes; each latent's result is
@@ -1223,14 +1234,13 @@ if __name__ == '__main__':
         # same ones asks nothing again, a killed run continues
         settings = {'prompts': tok.batch_decode(prompts), 'strengths': grid, 'seed': seed,
                     'new_tokens': NEW_TOKENS, 'fluency': FLUENCY, 'margin': MARGIN,
-                    'judge': name, 'dtype': dtype, 'sae': sae.W_dec.sum().item()}
+                    'judge': name, 'dtype': dtype, 'sae_checksum': sae.W_dec.sum().item()}
         results = {}
         for i in progress('verify: latents', choose(codes, cap, n, verify, which, seed, 'verify')):
             e = interp.get(str(i), {}).get('explanation')
             key = {'verify': settings, 'latent': i, 'explanation': e}
             v = results[str(i)] = cached(cache, log, key, lambda: verify_latent(
-                lm, tok, block, sae, i, prompts, grid, strength_unit(info), skip, seed, e,
-                backend))
+                lm, tok, block, sae, i, prompts, grid, unit, skip, seed, e, backend))
             print(f"latent {i:6d} | x{v['chosen']:g}: lift {v['lift']:+.3f}, fluency "
                   f"{v['fluency_cost']:+.2f} nats | verified: {v['verified']}", flush=True)
         vs = results.values()
@@ -1245,34 +1255,4 @@ if __name__ == '__main__':
     # dashboard
     if browse:
         dashboard(lm, tok, sae, info, folder, cap, codes, browse_latents, n_examples)
-
-    # -------------------------------------------------------------------------
-    # inspect: the latents that fire most on each token of the prompt
-    ids = tok(prompt, return_tensors='pt').input_ids.to(device)
-    if prompt and latent == -1:
-        # the prompt's residual stream at the layer, through the SAE's encoder
-        vals, idx = sae.encode(run_to_layer(lm, block, ids)[0].float())
-        for p, t in enumerate(ids[0].tolist()):
-            top = sorted(zip(vals[p].tolist(), idx[p].tolist()), reverse=True)[:top_latents]
-            shown = '  '.join(f"{i}:{v:.2f}" for v, i in top)
-            if p < skip:
-                shown = '(first position: the SAE never saw it)'
-            print(f"{tok.decode([t])!r:>16} {shown}")
-    # steer: the same prompt and seed, without and with the hook
-    elif prompt:
-        unit = strength_unit(info)
-        # the same seed for both, and a hook on both (the clean one changes nothing): any
-        # difference comes from the steering
-        outs = []
-        for fn in (lambda h: h, steer_fn(sae, latent, strength * unit, mode)):
-            torch.manual_seed(seed)
-            handle = attach(block, fn, skip)
-            # top_k=0: sample from the whole distribution, as the model gives it
-            out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              temperature=temperature or None, top_k=0,
-                              pad_token_id=tok.eos_token_id)
-            handle.remove()
-            outs.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-        print(f"latent {latent}, {mode} {strength} x {unit:.3g} (the residual's median norm)\n"
-              f"--- clean ---\n{prompt}{outs[0]}\n--- steered ---\n{prompt}{outs[1]}")
     print(f"steer.py done in {time.time() - t_start:.0f}s")
