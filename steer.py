@@ -38,7 +38,6 @@ probe = False            # k-sparse probes on the capture's document labels -> e
 explain = 0              # explain and score this many latents, chosen with the seed -> interp.json
 verify = 0               # verify this many latents by steering them (the same draw) -> verify.json
 latents = ''             # these latents instead of a draw, e.g. '3,17,42' (alone: explain them)
-strengths = '0.2,0.3,0.4,0.5'  # verify: the strengths, in --strength's unit (0 is added)
 explainer = ''           # an instruct model: HF id, folder, .gguf file, or an OpenAI-compatible
                          # URL (http://host/v1); '': the SAE's own model
 explainer_model = ''     # the model an endpoint serves, e.g. 'llama3.1:8b' (Ollama)
@@ -47,14 +46,14 @@ requests_in_flight = 4   # an endpoint's concurrent requests
 timeout = 120.0          # seconds to wait for an endpoint's answer
 browse = False           # the dashboard: browser.html and browser.json
 browse_latents = 0       # live latents in the dashboard, lowest index first (0: all)
-n_examples = 8           # top-activating examples per latent (plus 2 per quintile)
+n_examples = 8           # top-activating examples per latent (plus 10 over its range)
 prompt = ''              # inspect (alone) or steer (with --latent)
 latent = -1              # the latent to steer
 strength = 0.5           # add, clamp: in units of the residual stream's median norm at the
                          # layer (clamp: the latent's value)
 mode = 'add'             # 'add', 'clamp' or 'ablate'
 max_new_tokens = 40
-temperature = 0.7        # 0: greedy
+temperature = 0.7        # steering and verify's continuations (0: greedy)
 seed = 1337              # the clean and the steered completion sample with the same seed
 top_latents = 5          # latents shown per token with --prompt
 batch_size = 8           # contexts per forward pass
@@ -85,16 +84,9 @@ def attach(block, fn, skip=1):
         h[:, lo:] = fn(h[:, lo:])
     return block.register_forward_hook(hook)
 
-# h -> the SAE's reconstruction (plus the SAE's error term h - recon, which gives h back: a check
-# that the splice itself changes nothing).
-def sae_fn(sae, error=False):
-    def fn(h):
-        # the SAE works in float32 on (rows, d), and so does the error term: in bf16, r + (h - r)
-        # would not give h back
-        x = h.reshape(-1, h.shape[-1]).float()
-        r = sae(x)
-        return (r + (x - r) if error else r).view_as(h).to(h.dtype)
-    return fn
+# h -> the SAE's reconstruction, the SAE working in float32 on (rows, d).
+def sae_fn(sae):
+    return lambda h: sae(h.reshape(-1, h.shape[-1]).float()).view_as(h).to(h.dtype)
 
 # add: h + value * d_i; clamp: h + (value - f_i(h)) * d_i, which keeps the SAE's error term
 # (replacing h by the reconstruction would add the error to every steered run); ablate: clamp 0.
@@ -119,23 +111,46 @@ def inspect(lm, tok, block, sae, ids, skip, top):
         shown = '  '.join(f"{j}:{x:.2f}" for x, j in zip(v.tolist(), i.tolist()) if x > 0)
         print(f"{tok.decode(ids[0, p])!r:>16} {shown if p >= skip else '(the SAE never saw it)'}")
 
-# The prompt's completion with fn hooked on the block: sampled from the whole distribution with
-# the seed (temperature 0: greedy), so that two hooks on the same prompt and seed differ only by
-# what the hooks do.
+# Each prompt (P, L) continued with each of the hooks fns on the block (K * P rows in one batch),
+# from position `skip` on, generated tokens included: n new tokens, sampled at `temperature` (0:
+# greedy) with noise that depends on the prompt and the step alone, so that a prompt's rows differ
+# only by what their hooks do. What the SAE reads in the new tokens, per hook and prompt, off the
+# block's output before the hook (the blocks up to it see only the tokens: it is the clean model's
+# layer): every latent's mean (K, P, n_latents) and share of tokens fired on; then the first new
+# token's log-probabilities, and the new tokens.
 @torch.no_grad()
-def complete(lm, tok, block, fn, ids, skip, max_new_tokens, temperature, seed):
-    torch.manual_seed(seed)
-    handle = attach(block, fn, skip)
-    out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                      temperature=temperature or None, top_k=0, pad_token_id=tok.eos_token_id)
+def complete(lm, block, sae, prompts, skip, temperature, seed, n, fns):
+    K, P, seen = len(fns), len(prompts), []
+
+    def hook(h):
+        # a step with the KV cache feeds one token: its layer, before the hook
+        if h.shape[1] == 1:
+            seen.append(h[:, 0].float().clone())
+        return torch.cat([fn(x) for fn, x in zip(fns, h.split(P))])
+
+    # Gumbel-max: the argmax of logits / temperature plus noise from the seed and the step, the same
+    # for every row of a prompt
+    def sample(ids, logits):
+        g = torch.Generator().manual_seed(seed + ids.shape[1])
+        u = torch.rand(P, logits.shape[1], generator=g).clamp_min(1e-20)
+        return logits / temperature - (-u.log()).log().repeat(K, 1).to(logits)
+    handle = attach(block, hook, skip)
+    ids = prompts.repeat(K, 1)
+    out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n + 1,
+                      do_sample=False, eos_token_id=None, output_logits=True,
+                      logits_processor=[sample] * (temperature > 0), return_dict_in_generate=True)
     handle.remove()
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    z = sae.encode(torch.stack(seen[:n], 1).flatten(0, 1)).view(K, P, n, -1)
+    return (z.mean(2), (z > 0).float().mean(2),
+            out.logits[0].float().log_softmax(-1).view(K, P, -1),
+            out.sequences[:, ids.shape[1]:-1].view(K, P, -1))
 
 # -----------------------------------------------------------------------------
 # codes and documents: what probe, explain, verify and the dashboard read
 
 # The firing codes of the capture, flat, a row's codes together, rows in order: each one's value,
-# latent and row (torch or numpy arrays; float32, int32, int32: 384 MB for 1M rows at L0 32)
+# latent and row (numpy arrays: it indexes small slices several times faster than torch; float32,
+# int32, int32: 384 MB for 1M rows at L0 32)
 Codes = namedtuple('Codes', 'vals lat row')
 
 # Every row of the capture through the encoder: its Codes.
@@ -150,7 +165,7 @@ def encode_all(sae, acts, dtype='float32', chunk=8192):
             z = sae.encode(read_rows(acts, np.arange(s, min(N, s + chunk))).to(dev))
         r, j = torch.nonzero(z, as_tuple=True)
         out.append((z[r, j].float().cpu(), j.int().cpu(), (r + s).int().cpu()))
-    return Codes(*(torch.cat(t) for t in zip(*out)))
+    return Codes(*(torch.cat(t).numpy() for t in zip(*out)))
 
 # The capture's arrays, with each row's document and label (its context's).
 def read_capture(cap_dir):
@@ -168,7 +183,7 @@ def is_test(doc):
 # How many contexts each latent fires in, on the explain side and on the score side (n,) each.
 def context_counts(codes, cap, n):
     # each (context, latent) pair once, then split by its context's document
-    pairs = np.unique(cap['ctx'][codes.row.numpy()].astype(np.int64) * n + codes.lat.numpy())
+    pairs = np.unique(cap['ctx'][codes.row].astype(np.int64) * n + codes.lat)
     ctx, lat = pairs // n, pairs % n
     ho = is_test(cap['doc'][ctx])
     return np.bincount(lat[~ho], minlength=n), np.bincount(lat[ho], minlength=n)
@@ -199,11 +214,10 @@ def final_norm(lm):
 # Each decoder row through the final norm and the unembedding: the 8 tokens it promotes and the 8
 # it suppresses most, 512 latents at a time (all at once would be a (9216, 49152) table).
 def logit_effects(lm, sae, live):
-    norm = final_norm(lm)
     up, down = [], []
     for j in range(0, len(live), 512):
         d = sae.W_dec[live[j:j + 512]][None].to(lm.dtype)
-        logits = lm.get_output_embeddings()(norm(d))[0]
+        logits = lm.get_output_embeddings()(final_norm(lm)(d))[0]
         up += logits.topk(8, -1).indices.tolist()
         down += (-logits).topk(8, -1).indices.tolist()
     return up, down
@@ -222,6 +236,11 @@ def latent_on(codes, i, rows):
     out = np.zeros(len(rows), np.float32)
     out[codes.row[hit] - rows[0]] = codes.vals[hit]
     return out
+
+# Latent i's rows, largest activation first (ties in row order).
+def rows_by_value(codes, i):
+    hit = np.nonzero(codes.lat == i)[0]
+    return codes.row[hit][np.argsort(-codes.vals[hit], kind='stable')]
 
 # The rows of the window around row r (`before` rows before it, `after` after) that exist and
 # belong to r's context: a run, as a context's rows are consecutive. (The dashboard's windows too.)
@@ -244,17 +263,16 @@ def show(rows, tok, cap, acts=(), mark=math.inf):
 # evaluate (--evaluate) -> eval.json
 
 # Next-token CE (nats) of the clean model and of the model with the layer's output replaced: by the
-# SAE's reconstruction (spliced), plus the SAE's error term (which gives h back: a check of the
-# splice itself), by zeros and by its mean over the text (the ablations); loss recovered and
-# KL(clean || spliced). Only positions >= skip are changed and scored.
+# SAE's reconstruction (spliced), by zeros and by its mean over the text (the ablations); loss
+# recovered and KL(clean || spliced). Only positions >= skip are changed and scored.
 @torch.no_grad()
 def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
     batches = [pad(ctxs[j:j + bs], device) for j in range(0, len(ctxs), bs)]
     # the layer's mean output over the text's real tokens (the padding's rows left out)
     mean = torch.cat([run_to_layer(lm, block, ids, mask)[:, skip:][mask[:, skip:].bool()]
                       for ids, mask in batches]).mean(0)
-    modes = {'clean': lambda h: h, 'spliced': sae_fn(sae), 'spliced+error': sae_fn(sae, error=True),
-             'zero_ablated': torch.zeros_like, 'mean_ablated': lambda h: mean.expand_as(h)}
+    modes = {'clean': lambda h: h, 'spliced': sae_fn(sae), 'zero_ablated': torch.zeros_like,
+             'mean_ablated': lambda h: mean.expand_as(h)}
     # sums over tokens, divided by the token count at the end
     ce, kl, n = dict.fromkeys(modes, 0.0), 0.0, 0
     for ids, mask in progress('evaluate: five modes a batch', batches):
@@ -351,8 +369,8 @@ def probe_capture(sae, meta, cap, codes, acts):
     rows = torch.bincount(row_doc, minlength=D).float()[:, None]
     # (D, n) latent sums from every code (dense: 10k documents x 9216 latents is 370 MB), then
     # means
-    lat = torch.zeros(D * n).index_add_(0, row_doc[codes.row] * n + codes.lat, codes.vals)
-    lat = lat.view(D, n) / rows
+    lat = torch.zeros(D * n).index_add_(0, row_doc[codes.row] * n + torch.from_numpy(codes.lat),
+                                        torch.from_numpy(codes.vals)).view(D, n) / rows
     # the residual stream, summed per document as it streams from disk
     res = torch.zeros(D, meta['d_model'])
     for s in progress('probe: residual means (chunks)', range(0, meta['N'], 65536)):
@@ -398,9 +416,7 @@ def interpret(sae, meta, cap, codes, tok, backend, chosen, seed):
                  'random': llm[ring[j]] if j in ring else None}
         s = {k: detection(judge(text, ex[j]['texts']), ex[j]['truth'], probabilities)
              for k, text in kinds.items() if text}
-        head = 'auroc' if probabilities else 'balanced_accuracy'
-        got = ' | '.join(f"{k} {v.get(head)}" for k, v in s.items())
-        print(f"latent {chosen[j]:6d} | {head}: {got} | {str(llm[j])[:60]!r}", flush=True)
+        print(f"latent {chosen[j]:6d}: {str(llm[j])[:60]!r} {s}", flush=True)
         return s
     # the time per latent covers examples, explaining and scoring
     scores = parallel(score, range(len(chosen)), workers, 'explain: scores')
@@ -450,13 +466,11 @@ def detection(p, truth, probabilities):
 # ones (2 positives per decile; 10 negatives from documents of the latent's topic and 10 random,
 # each a window where the latent is 0 on every token), and the token baseline.
 def explainer_texts(i, codes, cap, tok, rng, names):
-    codes = Codes(*(t.numpy() for t in codes))
     # the latent on every row of a run of rows
     on = functools.partial(latent_on, codes, i)
 
     # the latent's rows, largest first (ties in row order), then each context's first: its peak
-    hit = np.nonzero(codes.lat == i)[0]
-    r = codes.row[hit][np.argsort(-codes.vals[hit], kind='stable')]
+    r = rows_by_value(codes, i)
     r = r[np.sort(np.unique(cap['ctx'][r], return_index=True)[1])]
     train, test = r[~is_test(cap['row_doc'][r])], r[is_test(cap['row_doc'][r])]
 
@@ -561,7 +575,7 @@ def explanation(answer, snippets):
     return text
 
 # The numbers over latents of one kind of explanation: mean and spread of balanced accuracy, the
-# share at 0.7 or more, the mean AUROC (None without P(yes)), how many answers failed to parse.
+# mean AUROC (None without P(yes)), how many answers failed to parse.
 def summarize(scores):
     acc = [s['balanced_accuracy'] for s in scores if s['balanced_accuracy'] is not None]
     # rounded to 4 places; None where no latent has a number
@@ -569,77 +583,115 @@ def summarize(scores):
     auroc = {f'{k}_mean': r4([s[k] for s in scores if k in s])
              for k in ('auroc', 'auroc_topic', 'auroc_random')}
     return {'mean': r4(acc), 'sd': r4(acc, np.std), **auroc,
-            'share_at_least_0.7': r4([x >= 0.7 for x in acc]), 'latents': len(acc),
+            'latents': len(acc),
             'failed_answers': sum(s['failed'] for s in scores)}
-
-# The explanations' lines: each kind's numbers (summarize's: the AUROC for a local scorer, balanced
-# accuracy for both), then the failures and the time.
-def print_interp(report, folder):
-    for k, s in report['summary'].items():
-        print(f"{k:6s} explanations: " + ', '.join(f"{m} {v}" for m, v in s.items()))
-    print(f"{report['failed_explanations']} explanations failed (they repeated the prompt or "
-          f"copied a text, twice); wrote {folder}/interp.json: {report['seconds_per_latent']}s per "
-          f"latent with {report['explainer']}")
 
 # -----------------------------------------------------------------------------
 # verify (--verify) -> verify.json
 
-# The rule (README, "Verify by steering", says why): a strength is allowed when the clean model
-# finds the new tokens at most FLUENCY nats per token less likely than the unsteered ones; chosen
-# on the even prompts, it is the allowed strength whose re-detection rises most above the
-# control's; the latent is verified when that lift, on the odd prompts, exceeds MARGIN. The prompts:
-# the first PROMPT_TOKENS tokens of PROMPTS unseen articles, continued by NEW_TOKENS tokens.
-FLUENCY, MARGIN, PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 1.0, 0.05, 8, 8, 24
+# Push a latent, let the model write, and let the SAE judge the text: the clean model's layer on
+# the new tokens, through the SAE, gives every latent's rise over the unsteered text of the same
+# prompts, and latent i's rank among all n rises gives its p-value; random directions in its place
+# measure how often that verifies by chance. README, "Verify by steering", says how each constant
+# was chosen.
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS, CALIBRATION, KL_BUDGET, FDR = 32, 8, 24, 16, 2.0, 0.05
+STRENGTHS = [0.5, 0.75]  # in --strength's unit, the residual's median norm
 
-# Latent i pushed on the prompts (P, L): its decoder row times each strength (times `unit`) added
-# at the block from position `skip` on, and a random direction of the same norm at the same
-# strengths (the control, drawn per latent from the seed), greedy, n new tokens, P * (2S - 1)
-# continuations in one batch. Per strength, for the latent and the control, over all prompts:
-# re-detection (the share of new tokens on which the SAE, reading the clean model, finds the
-# latent), the latent's mean value there, the output score (the probability the steered model
-# puts on the latent's `top` promoted tokens) and the clean model's NLL per new token. Then the
-# rule's strength and lift; with an explanation, how well the explainer's judge (`backend`) tells
-# by it the texts steered at that strength from the unsteered ones.
-@torch.no_grad()
-def verify_latent(lm, tok, block, sae, i, prompts, strengths, unit, skip, seed, explanation,
-                  backend):
-    P, S, n = len(prompts), len(strengths), NEW_TOKENS
-    rand = torch.randn(sae.W_dec.shape[1], generator=torch.Generator().manual_seed(seed + i))
-    # the rows: the latent at each strength (0: unsteered), then the control at the others
-    dirs = torch.stack([sae.W_dec[i]] * S + [rand.to(sae.W_dec) / rand.norm()] * (S - 1))
-    vecs = dirs * dirs.new_tensor(strengths + strengths[1:])[:, None] * unit
-    handle = attach(block, lambda h: h + vecs.repeat_interleave(P, 0)[:, None], skip)
-    # no stop at an end token: every row gets n new tokens
-    out = lm.generate(prompts.repeat(2 * S - 1, 1), max_new_tokens=n, do_sample=False,
-                      eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-    handle.remove()
-    seqs, h = out.sequences, []
-    texts = tok.batch_decode(seqs[:, -n:])
-    # the clean model reads every row back: latent i through the SAE at the block, and the NLL
-    handle = block.register_forward_hook(lambda m, a, o: h.append(hidden(o)))
-    logp = lm(input_ids=seqs, logits_to_keep=n + 1).logits[:, :-1].float().log_softmax(-1)
-    handle.remove()
-    act = sae.encode(h[0][:, -n:].flatten(0, 1).float())[:, i].view(-1, n)
-    top = logit_effects(lm, sae, [i])[0][0]
-    x = torch.stack([act > 0, act, torch.stack(out.logits, 1).float().softmax(-1)[..., top].sum(-1),
-                     -logp.gather(2, seqs[:, -n:, None])[..., 0]], 2)
-    # (2S - 1, P, 4): each row's means over its new tokens; the control's row at 0 is the latent's
-    x = x.double().mean(1).view(2 * S - 1, P, 4)
-    lat, ctl = x[:S], torch.cat([x[:1], x[S:]])
-    # per strength and prompt: the lift in re-detection over the control, the fluency cost
-    lift, cost = lat[..., 0] - ctl[..., 0], lat[..., 3] - lat[:1, :, 3]
-    j = int(torch.where(cost[:, 0::2].mean(1) <= FLUENCY, lift[:, 0::2].mean(1), -1).argmax())
-    r4 = lambda t: t.round(decimals=4).tolist()
-    # per strength, each figure by name (the page reads them so)
-    named = lambda t: [dict(zip(['redetect', 'act', 'output', 'nll'], r)) for r in r4(t.mean(1))]
-    r = {'latent': named(lat), 'control': named(ctl), 'chosen': strengths[j],
-         'lift': r4(lift[j, 1::2].mean()), 'fluency_cost': r4(cost[j, 1::2].mean()),
-         'samples': texts[:S * P:P]}
-    r['verified'] = r['lift'] > MARGIN
-    if explanation and j:
-        r['judge'] = detection(backend[1](explanation, texts[j * P:(j + 1) * P] + texts[:P]),
-                               [1] * P + [0] * P, backend[2])
-    return r
+# The verdict's protocol for latent i and a push at each strength (run: complete()'s): every
+# latent's rise over the unsteered continuations (base), averaged over the prompts and scaled by
+# its spread on the capture, and i's rank among the n rises (a tie counts against i). The strength
+# is the strongest whose first new token moves by at most KL_BUDGET nats (else the weakest): it is
+# chosen without reading a rank, so every prompt can judge it: p = i's rank there / n. Returns p,
+# the strength's index, and per strength: the rises, the KL, i's rank, i's re-detection (its share
+# of the new tokens).
+def judge_push(i, run, base, spread):
+    rise, logp = (run[0] - base[0]) / spread, run[2]
+    kl = (logp.exp() * (logp - base[2])).sum(-1).mean(1)
+    rank = (rise.mean(1) >= rise.mean(1)[:, [i]]).sum(1)
+    j = int(torch.where(kl <= KL_BUDGET, torch.arange(len(kl), device=kl.device), 0).max())
+    return rank[j].item() / len(spread), j, rise, kl, rank, run[1][..., i].mean(1)
+
+# Latent i pushed and judged, with what the push did: at the chosen strength, over all prompts, the
+# latents that rose most (each shown by its top tokens) and the tokens whose share of the new
+# tokens rose most; per strength, the first token's KL, i's rank, its re-detection (the share of
+# new tokens it fires on; verdicts adds a random push's beside it), and 3 samples (the unsteered
+# first).
+def verify_latent(push, tok, sae, i, pushes, base, spread, codes, cap):
+    run = push([steer_fn(sae, i, v, 'add') for v in pushes])
+    p, j, rise, kl, rank, redetect = judge_push(i, run, base, spread)
+    up = rise[j].mean(0).topk(5)
+    count = lambda t: Counter(tok.batch_decode(t.flatten()[:, None]))
+    share = count(run[3][j]) - count(base[3])
+    return {'p': p, 'strength': j, 'kl': kl.tolist(), 'rank': rank.tolist(),
+            'redetect': redetect.tolist(),
+            'rose': [[k, v, top_tokens(codes, cap, tok, k)]
+                     for v, k in zip(*(t.tolist() for t in up))],
+            'tokens': [[t, c / run[3][j].numel()] for t, c in share.most_common(8)],
+            'samples': [tok.batch_decode(t[:3]) for t in (base[3][0], *run[3])]}
+
+# -----------------------------------------------------------------------------
+# verify: the spread, the null, the false-discovery cut (skip on a first read)
+
+# Each latent's spread on the capture: the standard deviation of its activation over all `rows`
+# rows, zeros included. A latent that rarely fires has a small spread, but one firing of it moves
+# its mean by 1 / tokens of its value: scaled so, it does not outrank a latent that comes back on
+# many tokens. At least one firing's spread (at the median value of all): a latent that never
+# fired there does not top every list by firing once.
+def spread_of(codes, n, rows):
+    m1, m2 = (np.bincount(codes.lat, codes.vals.astype(float) ** q, n) / rows for q in (1, 2))
+    var = np.maximum(m2 - m1 * m1, np.median(codes.vals) ** 2 / rows)
+    return torch.from_numpy(np.sqrt(var)).float()
+
+# A latent's top tokens: the 3 most common at its 20 largest activations in the capture.
+def top_tokens(codes, cap, tok, k):
+    rows = rows_by_value(codes, k)[:20]
+    return [t for t, _ in Counter(tok.batch_decode(cap['tokens'][rows][:, None])).most_common(3)]
+
+# CALIBRATION random directions of a latent's norm (from the seed), each pushed as a latent is and
+# judged against each latent of `chosen` in turn: per latent, its p-values where the push is not its
+# own (its false verdicts, as often as the protocol gives them), and its mean re-detection.
+def calibrate(push, sae, pushes, seed, base, spread, chosen):
+    g = torch.Generator().manual_seed(seed)
+    null = {str(i): {'p': [], 'redetect': []} for i in chosen}
+    for _ in range(CALIBRATION):
+        d = torch.randn(sae.W_dec.shape[1], generator=g).to(sae.W_dec)
+        run = push([lambda h, v=v * d / d.norm(): h + v for v in pushes])
+        for i in chosen:
+            p, *_, redetect = judge_push(i, run, base, spread)
+            null[str(i)]['p'] += [p]
+            null[str(i)]['redetect'] += [redetect.tolist()]
+    return null
+
+# Benjamini-Hochberg: the p-values that are discoveries with the false-discovery rate held at FDR:
+# all those up to the largest p_(k) <= FDR * k / m.
+def discoveries(ps):
+    s = np.sort(ps)
+    ok = np.nonzero(s <= FDR * np.arange(1, len(s) + 1) / len(s))[0]
+    return np.asarray(ps) <= (s[ok[-1]] if len(ok) else -1)
+
+# The 95% Wilson interval of a share of k in m.
+def wilson(k, m, z=1.96):
+    c, h = k + z * z / 2, z * math.sqrt(k * (m - k) / m + z * z / 4)
+    return [round(x / (m + z * z), 4) for x in (c - h, c + h)]
+
+# verify.json's verdicts and summary: Benjamini-Hochberg over the latents tested, each verdict with
+# its false rate (how often a random direction in the latent's place gives a p-value within the
+# cut); the protocol's false rate, Benjamini-Hochberg over each random direction's p-values in all
+# the latents' places (the calibration).
+def verdicts(results, null, n):
+    ps = [v['p'] for v in results.values()]
+    ok = discoveries(ps)
+    cut = max(np.array(ps)[ok], default=-1)
+    for v, o, nl in zip(results.values(), ok, null.values()):
+        v.update(verified=bool(o), false_rate=float(np.mean(np.array(nl['p']) <= cut)),
+                 redetect_random=np.mean(nl['redetect'], 0).tolist())
+    k, m = int(ok.sum()), len(ps)
+    false = int(sum(discoveries([v['p'][r] for v in null.values()]).sum()
+                    for r in range(CALIBRATION)))
+    return {'latents': m, 'verified': k, 'share_95': wilson(k, m),
+            'false_rate': float(false / (m * CALIBRATION)),
+            'false_rate_95': wilson(false, m * CALIBRATION),
+            'median_rank': float(np.median(ps)) * n}
 
 # -----------------------------------------------------------------------------
 # the LLM client: answer cache, local and endpoint backends, retries, threads (skip on a first read)
@@ -696,8 +748,8 @@ def local_backend(name, lm, tok, cache, log, batch_size):
     def chat(messages, max_tokens):
         # greedy: the same answer on every machine that computes alike
         def ask():
-            x = tok(prompt(messages), add_special_tokens=False, return_tensors='pt').input_ids
-            x = x.to(dev)
+            x = tok(prompt(messages), add_special_tokens=False,
+                    return_tensors='pt').input_ids.to(dev)
             out = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
                               do_sample=False, pad_token_id=tok.eos_token_id)
             return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
@@ -829,28 +881,24 @@ BEFORE, AFTER = 8, 3
 N_BINS = 96
 
 # Per latent, from the codes: how many rows it fires on, a histogram of those activations, and two
-# lists of its codes (indices into the flat codes): its E largest activations, and a uniform sample
-# of R (the R largest of a random key per code: a bottom-k sketch), each largest key first, ties in
-# row order.
+# lists of its codes (indices into the flat codes): its E largest activations, largest first (ties
+# in row order), and R spread evenly over all of them by rank, smallest first.
 @torch.no_grad()
 def scan(codes, n, E, R):
-    v, lat = codes.vals, codes.lat.long()
+    v, lat = torch.from_numpy(codes.vals), torch.from_numpy(codes.lat).long()
     # log2 bins, 4 per octave from 2^-10; anything smaller goes in the first bin
     bins = ((v.log2() + 10) * 4).floor().clamp(0, N_BINS - 1).long()
     hist = torch.bincount(lat * N_BINS + bins, minlength=n * N_BINS).view(n, N_BINS)
     # how many rows each latent fires on (a row holds a latent once)
-    count = hist.sum(1)
-    # the sample's keys from a fixed seed: the same capture gives the same page
-    rand = torch.rand(len(v), generator=torch.Generator().manual_seed(0))
-    # sorted by latent, each latent's codes are one segment: where each starts and ends
-    ends = count.cumsum(0).tolist()
-    sets = []
-    for key, m in ((v, E), (rand, R)):
-        # by key first, then stably by latent: the key order holds within each segment
-        o = key.argsort(descending=True, stable=True)
-        o = o[lat[o].argsort(stable=True)]
-        sets.append([o[e - c:e - c + min(c, m)] for e, c in zip(ends, count.tolist())])
-    return count, hist, sets
+    count = hist.sum(1).tolist()
+    # by value, largest first, then stably by latent: each latent's codes are one segment, in order
+    o = v.argsort(descending=True, stable=True)
+    o = o[lat[o].argsort(stable=True)]
+    starts = np.cumsum([0] + count[:-1])
+    # (R ranks evenly spaced, or all of them when fewer)
+    return torch.tensor(count), hist, ([o[s:s + min(c, E)] for s, c in zip(starts, count)],
+                                       [o[s + c - 1 - np.unique(np.arange(R) * c // R)]
+                                        for s, c in zip(starts, count)])
 
 # The page's example c (a code, on row r) of latent i, from the codes as numpy arrays:
 # the window of rows around r within its context (with the context's token 0 when the capture did
@@ -869,30 +917,25 @@ def page_example(c, i, codes, cap, big, vocab):
 
 # Write the dashboard beside the SAE: browser.html (one static page, open from disk) and the same
 # data as browser.json for programs. Every live latent: density, activation histogram, top and
-# per-quintile examples, logit effects, its explanation and scores (from interp.json); and the
+# examples over its range, logit effects, its explanation and scores (from interp.json); and the
 # SAE's overview: config, evaluation, training curves, densities.
-def dashboard(lm, tok, sae, info, folder, cap, codes, n_show, E, R=10, Q=5):
+def dashboard(lm, tok, sae, info, folder, cap, codes, n_show, E, R=10):
     n = sae.W_dec.shape[0]
     count, hist, sets = scan(codes, n, E, R)
     # live latents only: a latent that never fired has nothing to show
     live = torch.nonzero(count).flatten()[:n_show or None]
     up, down = logit_effects(lm, sae, live)
-    # the page's token table, in order of first use (and numpy: it indexes small arrays several
-    # times faster than torch)
-    codes_np, vocab, cards = Codes(*(t.numpy() for t in codes)), {}, []
+    # the page's token table, in order of first use
+    vocab, cards = {}, []
     for j, i in enumerate(progress('dashboard: examples', live.tolist())):
         top, sample = (s[i].tolist() for s in sets)
-        big = float(codes_np.vals[top[0]])
-        # the random sample by value, in Q groups of equal size: examples from each quantile
-        sample.sort(key=lambda c: codes_np.vals[c])
-        quant = [sample[q * len(sample) // Q:(q + 1) * len(sample) // Q] for q in range(Q)]
+        big = float(codes.vals[top[0]])
         # the histogram from its first to its last nonempty bin (the page labels both ends)
         nz = torch.nonzero(hist[i]).flatten().tolist()
         cards.append({'i': i, 'count': count[i].item(),
                       'hist': [nz[0], hist[i, nz[0]:nz[-1] + 1].tolist()],
-                      'top': [page_example(c, i, codes_np, cap, big, vocab) for c in top],
-                      'quant': [[page_example(c, i, codes_np, cap, big, vocab) for c in part]
-                                for part in quant],
+                      'top': [page_example(c, i, codes, cap, big, vocab) for c in top],
+                      'spread': [page_example(c, i, codes, cap, big, vocab) for c in sample],
                       'promotes': [vocab.setdefault(t, len(vocab)) for t in up[j]],
                       'suppresses': [vocab.setdefault(t, len(vocab)) for t in down[j]]})
     # training's validation curve (metrics.jsonl's eval lines: FVU and dead against tokens seen)
@@ -930,7 +973,7 @@ svg { display: block; margin: .3em 0 1em }
 <h1 id="title"></h1><div id="overview"></div>
 <nav>latent <input id="jump" type="number"> <button id="prev">&lt;</button>
 <button id="next">&gt;</button> sort by <select id="sort"><option>index</option>
-<option>density</option><option>score</option><option>lift</option></select>
+<option>density</option><option>score</option><option>p</option></select>
 <input id="q" placeholder="filter"> <span id="shown"></span></nav>
 <div id="main"><ol id="list"></ol><div id="card"></div></div>
 <script type="application/json" id="data">DATA</script>
@@ -988,9 +1031,9 @@ function drawOverview() {
     E[`probe_residual_top${k}`], 'accuracy']]).concat([['all residual dimensions',
     E.probe_residual_full, 'accuracy']]), 'interpretation': Object.entries(det).map(([k, s]) =>
     [`detection, ${k} explanations`, s.auroc_mean ?? s.mean, 'AUROC or balanced accuracy'])
-    .concat([['verified by steering', V.verified / V.latents, `% of ${V.latents}`, pct],
-    ['median lift in re-detection over a random direction', V.median_lift, 'share of tokens'],
-    ['median fluency cost', V.median_fluency_cost, 'nats/token']])}
+    .concat([['verified by steering (FDR 5%)', V.verified / V.latents, `% of ${V.latents}`, pct],
+    ['random directions verified (the false rate)', V.false_rate, '%', pct], ['median rank of ' +
+    'the pushed latent (its rise)', V.median_rank, `of ${D.n_latents} latents`]])}
   const tokens = D.curve.map(r => r.tokens)
   overview.innerHTML = '<table>' + Object.entries(groups).map(([g, rows]) =>
     `<tr><th colspan="3">${g}` + rows.filter(r => r[1] != null && !isNaN(r[1])).map(([k, v, u,
@@ -1005,19 +1048,27 @@ function hist() {
   for (const l of D.latents) h[Math.min(27, Math.floor((Math.log10(l.density) + 7) * 4))]++
   return h
 }
-// re-detection, output score and NLL against strength, the latent's and the random direction's,
-// the verdict and a sample per strength
+// the verdict and its p (the latent's rank among all latents' rises at the chosen strength);
+// against strength: the rank (log10), the re-detection beside a random direction's (grey) and
+// the first token's KL; what rose at the chosen strength (latents, by their top tokens, and
+// tokens); three prompts' texts unsteered and at each strength
 function drawVerify(i) {
-  const v = verified(i), S = D.verify.settings?.strengths
+  const v = verified(i), S = D.verify.settings?.strengths, x = s => `x${s}`
   if (!v) return ''
-  const col = c => [v.latent.map(r => r[c]), v.control.map(r => r[c])]
-  return `<h3 class="verdict">steering: ${v.verified ? 'verified' : 'not verified'}</h3><p>at ` +
-    `x${v.chosen}: re-detection ${v.lift} above the random direction (odd prompts), fluency ` +
-    `cost ${v.fluency_cost} nats per token; orange the latent, grey the random direction</p>` +
-    [['re-detection (share of new tokens)', 'redetect'], ['output score (probability on its ' +
-    'promoted tokens)', 'output'], ['NLL per new token, clean model', 'nll']].map(([name, c]) =>
-    chart(name, S, col(c), 'x0', `x${S.at(-1)}`)).join('') + '<ol class="samples">' +
-    v.samples.map((t, j) => `<li>x${S[j]}: <span class="ex">${esc(t)}</span>`).join('') + '</ol>'
+  const plot = (name, ys) => chart(name, S, ys, x(S[0]), x(S.at(-1)))
+  return `<h3 class="verdict">steering: ${v.verified ? 'verified' : 'not verified'}</h3>` +
+    `<p>p = <span class="p">${+v.p.toPrecision(3)}</span>: rank ${v.rank[v.strength]} of ` +
+    `${D.n_latents} at ${x(S[v.strength])}; a random direction in its place is within the cut ` +
+    `${(100 * v.false_rate).toFixed(1)}% of the time</p>` +
+    plot('rank of its rise, log10', [v.rank.map(Math.log10)]) +
+    plot('re-detection (share of new tokens)', [v.redetect, v.redetect_random]) +
+    plot('KL of the first new token, nats', [v.kl]) + '<p class="rose">rose most: ' +
+    v.rose.map(([k, r, ts]) => `<a href="#${k}">${k}</a> (${ts.map(t => `<code>${esc(t)}` +
+    '</code>').join(' ')}) +${r.toFixed(2)} sd`).join(', ') + '<br>tokens: ' +
+    v.tokens.map(([t, s]) => `<code>${esc(t)}</code> ${(100 * s).toFixed(1)}%`).join(', ') +
+    '</p><ol class="samples">' + v.samples.map((ts, j) => `<li>${j ? x(S[j - 1]) :
+    'unsteered'}: ` + ts.map(t => `<span class="ex">${esc(t)}</span>`).join(' | ')).join('') +
+    '</ol>'
 }
 // a latent's card: density, histogram of its activations, examples, explanation, logit effects
 function drawCard(i) {
@@ -1037,22 +1088,22 @@ function drawCard(i) {
     `${score(i, 'token')}, random explanation ${score(i, 'random')})</p>`) +
     drawVerify(i) + 'nonzero activations, log scale' +
     bars(l.hist[1], edge(l.hist[0]), edge(l.hist[0] + l.hist[1].length)) +
-    '<h3>top activations</h3>' + l.top.map(example).join('') + l.quant.map((exs, q) =>
-    exs.length ? `<h3>quantile ${q + 1}</h3>` + exs.map(example).join('') : '').join('') +
+    '<h3>top activations</h3>' + l.top.map(example).join('') + '<h3>over the range, smallest ' +
+    'first</h3>' + l.spread.map(example).join('') +
     `<p>promotes ${toks(l.promotes)}<br>suppresses ${toks(l.suppresses)}</p>`
 }
 // the list: the live latents whose examples hold the filter's text, in the chosen order
-for (const l of D.latents) l.text = l.top.concat(...l.quant).map(e => e[0].map(t =>
+for (const l of D.latents) l.text = l.top.concat(l.spread).map(e => e[0].map(t =>
   D.vocab[t]).join('')).join(' ').toLowerCase()
 let order = []
 function drawList() {
   const key = {index: l => l.i, density: l => -l.density, score: l => -(score(l.i) ?? -1),
-    lift: l => -(verified(l.i)?.lift ?? -1)}[sort.value]
+    p: l => verified(l.i)?.p ?? 2}[sort.value]
   order = D.latents.filter(l => l.text.includes(q.value.toLowerCase()))
     .sort((a, b) => key(a) - key(b)).map(l => l.i)
   list.innerHTML = order.map(i => `<li><a href="#${i}">${i}</a> ` +
     (100 * byId.get(i).density).toPrecision(2) + '% ' + (score(i) ?? '') + ' ' +
-    (verified(i)?.lift ?? '')).join('')
+    (verified(i)?.p ?? '')).join('')
   shown.textContent = `${order.length} of ${D.latents.length} live latents`
 }
 const show = () => drawCard(location.hash.length > 1 ? +location.hash.slice(1) : order[0])
@@ -1077,8 +1128,7 @@ show()
 # after the last line: done of total, the time so far and an ETA (and one at the end of a stage
 # that took 10 s or more).
 def progress(stage, items, total=0):
-    total, t0 = total or len(items), time.time()
-    said = t0
+    total, t0, said = total or len(items), time.time(), time.time()
     for done, x in enumerate(items, 1):
         yield x
         now = time.time()
@@ -1087,10 +1137,8 @@ def progress(stage, items, total=0):
             print(f"{stage}: {done}/{total} | {now - t0:.0f}s | ETA {eta:.0f}s", flush=True)
 
 
-# --latent in range; --latents as latent indices (choose checks later that each can be explained);
-# --strengths as numbers >= 0, one at least above 0, with 0 (unsteered) always in. Returns both
-# lists.
-def check_lists(latent, latents, strengths, n):
+# --latent in range; --latents as latent indices (choose checks later that each can be explained).
+def check_latents(latent, latents, n):
     # (rules has checked latent >= -1)
     if latent >= n:
         raise SystemExit(f"--latent={latent} is out of range: this SAE has latents 0..{n - 1}")
@@ -1098,13 +1146,7 @@ def check_lists(latent, latents, strengths, n):
     if not all(s.isdigit() and int(s) < n for s in which):
         raise SystemExit(f"--latents={latents}: valid is a comma-separated list of latents in "
                          f"0..{n - 1}, e.g. --latents=3,17,42")
-    ok = re.fullmatch(r'(\d*\.?\d+,)*\d*\.?\d+', strengths)
-    grid = sorted({0.0, *map(float, strengths.split(','))}) if ok else []
-    if len(grid) < 2:
-        raise SystemExit(f"--strengths={strengths}: valid is a comma-separated list of numbers "
-                         f">= 0, one at least above 0 (0, unsteered, is added), e.g. "
-                         f"--strengths=2,4,8,16")
-    return [int(s) for s in which], grid
+    return [int(s) for s in which]
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
@@ -1118,8 +1160,8 @@ if __name__ == '__main__':
     # the SAE, and its capture, model and block (all named in the SAE's file)
     sae, info = load_sae(sae_path, device)
     n, d = sae.W_dec.shape
-    # --latent, --latents, --strengths against this SAE, before the model loads
-    which, grid = check_lists(latent, latents, strengths, n)
+    # --latent, --latents against this SAE, before the model loads
+    which = check_latents(latent, latents, n)
 
     # -------------------------------------------------------------------------
     # the stages this run does, all decided here. --prompt alone only reads (inspect, or steer
@@ -1165,19 +1207,19 @@ if __name__ == '__main__':
     if prompt and latent == -1:
         inspect(lm, tok, block, sae, ids, skip, top_latents)
     elif prompt:
-        # the same seed for both, and a hook on both (the clean one changes nothing): any
+        # the same noise for both, and a hook on both (the clean one changes nothing): any
         # difference comes from the steering
-        clean, steered = (complete(lm, tok, block, fn, ids, skip, max_new_tokens, temperature, seed)
-                          for fn in (lambda h: h, steer_fn(sae, latent, strength * unit, mode)))
+        clean, steered = tok.batch_decode(complete(
+            lm, block, sae, ids, skip, temperature, seed, max_new_tokens,
+            [lambda h: h, steer_fn(sae, latent, strength * unit, mode)])[3][:, 0],
+            skip_special_tokens=True)
         print(f"latent {latent}, {mode} {strength} x {unit:.3g} (the residual's median norm)\n"
               f"--- clean ---\n{prompt}{clean}\n--- steered ---\n{prompt}{steered}")
 
     # -------------------------------------------------------------------------
     # evaluate on text the SAE never saw; eval.json: each stage adds its numbers to the others'
-    ev_path = folder / 'eval.json'
-    ev = read_json(ev_path)
-    unseen = (read_docs(data) if data else read_docs('wiki', 'unseen'))[0] if evaluate or verify \
-        else []
+    ev = read_json(folder / 'eval.json')
+    unseen = read_docs(data or 'wiki', 'unseen')[0] if evaluate or verify else []
     if evaluate:
         # the same contexts as capture cuts, so the same positions are skipped
         ctxs, _ = contexts(tok, unseen, info['ctx_len'], eval_tokens, skip)
@@ -1186,41 +1228,39 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # codes: every row of the capture encoded once, for all that follows
     if reads:
-        t0 = time.time()
-        codes = encode_all(sae, cap_dir / 'acts.npy', dtype)
-        cap = read_capture(cap_dir)
+        codes, cap = encode_all(sae, cap_dir / 'acts.npy', dtype), read_capture(cap_dir)
         # L0 at inference: batchtopk and matryoshka keep what is above theta, not exactly k
         ev['l0_inference'] = round(len(codes.vals) / meta['N'], 2)
-        print(f"encoded {meta['N']} rows of the capture in {time.time() - t0:.0f}s: L0 "
-              f"{ev['l0_inference']}, {len(codes.vals)} codes")
     # probe: a capture too small for any class (a few thousand tokens) has nothing to report
     if probe:
         ev.update(probe_capture(sae, meta, cap, codes, cap_dir / 'acts.npy'))
     # eval.json's numbers, this run's and the earlier stages'
     if evaluate or reads:
-        write_file(ev_path, ev)
+        write_file(folder / 'eval.json', ev)
         print('\n'.join(f"{k:28s} {v:.4f}" for k, v in ev.items() if isinstance(v, (int, float))))
 
     # -------------------------------------------------------------------------
-    # the explainer, for explain and for verify's judge (of the explanations interp.json has): a
-    # local model (the SAE's own by default) or an endpoint; every answer cached beside the SAE
+    # the explainer: a local model (the SAE's own by default) or an endpoint; every answer (and
+    # every verify result) cached beside the SAE
     name = explainer or info['model']
     if explain or verify:
         cache, log = load_cache(folder / 'cache.jsonl')
+    if explain:
         backend = make_backend(name, explainer_model, api_key_env, requests_in_flight, timeout,
-                               lm, tok, cache, log, batch_size, dtype, device, info['model']) \
-            if explain or (folder / 'interp.json').exists() else None
+                               lm, tok, cache, log, batch_size, dtype, device, info['model'])
     # explain: the SAE's tokenizer decodes the snippets; the explainer tokenizes them again
     if explain:
         chosen = choose(codes, cap, n, explain, which, seed, 'explain')
         report = interpret(sae, meta, cap, codes, tok, backend, chosen, seed)
         report.update(explainer=name, explainer_model=explainer_model or None)
         write_file(folder / 'interp.json', report)
-        print_interp(report, folder)
+        print('\n'.join(f"{k:6s} explanations: {s}" for k, s in report['summary'].items()))
+        print(f"{report['failed_explanations']} explanations failed (they repeated the prompt or "
+              f"copied a text, twice); wrote {folder}/interp.json")
 
     # -------------------------------------------------------------------------
-    # verify: push each latent and read back what the model writes; each latent's result is
-    # cached as it comes (a killed run continues), verify.json is written at the end
+    # verify: push each latent and let the SAE judge what the model writes; the calibration and
+    # each latent's result are cached as they come (a killed run continues), verify.json last
     if verify:
         # the prompts: the first tokens of unseen articles, spread over them (an article's start
         # names its subject, and little else yet)
@@ -1229,24 +1269,24 @@ if __name__ == '__main__':
             raise SystemExit(f"--verify needs {PROMPTS} unseen documents of {PROMPT_TOKENS}+ "
                              f"tokens, and --data={data} has {len(ids)}: give it more text")
         prompts = torch.tensor(ids[::len(ids) // PROMPTS][:PROMPTS], device=device)
-        interp = read_json(folder / 'interp.json').get('latents', {})
-        # each latent's result is cached under these (and its explanation): a rerun with the
-        # same ones asks nothing again, a killed run continues
-        settings = {'prompts': tok.batch_decode(prompts), 'strengths': grid, 'seed': seed,
-                    'new_tokens': NEW_TOKENS, 'fluency': FLUENCY, 'margin': MARGIN,
-                    'judge': name, 'dtype': dtype, 'sae_checksum': sae.W_dec.sum().item()}
+        chosen = choose(codes, cap, n, verify, which, seed, 'verify')
+        # every result is cached under these: a rerun with the same ones asks nothing again
+        settings = {'prompts': tok.batch_decode(prompts), 'strengths': STRENGTHS, 'seed': seed,
+                    'temperature': temperature, 'dtype': dtype,
+                    'sae_checksum': sae.W_dec.sum().item(),
+                    'constants': [NEW_TOKENS, KL_BUDGET, CALIBRATION]}
+        # the prompts continued with hooks: unsteered, then pushed
+        push = functools.partial(complete, lm, block, sae, prompts, skip, temperature, seed,
+                                 NEW_TOKENS)
+        pushes, spread, base = [s * unit for s in STRENGTHS], \
+            spread_of(codes, n, meta['N']).to(device), push([lambda h: h])
+        null = cached(cache, log, {'verify': settings, 'calibration': chosen}, lambda: calibrate(
+            push, sae, pushes, seed, base, spread, chosen))
         results = {}
-        for i in progress('verify: latents', choose(codes, cap, n, verify, which, seed, 'verify')):
-            e = interp.get(str(i), {}).get('explanation')
-            key = {'verify': settings, 'latent': i, 'explanation': e}
-            v = results[str(i)] = cached(cache, log, key, lambda: verify_latent(
-                lm, tok, block, sae, i, prompts, grid, unit, skip, seed, e, backend))
-            print(f"latent {i:6d} | x{v['chosen']:g}: lift {v['lift']:+.3f}, fluency "
-                  f"{v['fluency_cost']:+.2f} nats | verified: {v['verified']}", flush=True)
-        vs = results.values()
-        summary = {'latents': len(vs), 'verified': sum(v['verified'] for v in vs),
-                   **{f'median_{k}': float(np.median([v[k] for v in vs]))
-                      for k in ('lift', 'fluency_cost')}}
+        for i in progress('verify: latents', chosen):
+            results[str(i)] = cached(cache, log, {'verify': settings, 'latent': i}, lambda: (
+                verify_latent(push, tok, sae, i, pushes, base, spread, codes, cap)))
+        summary = verdicts(results, null, n)
         write_file(folder / 'verify.json',
                    {'settings': settings, 'latents': results, 'summary': summary})
         print(f"wrote {folder}/verify.json: {summary}")
