@@ -275,7 +275,7 @@ def evaluate_lm(lm, block, sae, ctxs, skip, bs, device):
              'mean_ablated': lambda h: mean.expand_as(h)}
     # sums over tokens, divided by the token count at the end
     ce, kl, n = dict.fromkeys(modes, 0.0), 0.0, 0
-    for ids, mask in progress('evaluate: five modes a batch', batches):
+    for ids, mask in progress('evaluate: four modes a batch', batches):
         # predictions from positions >= skip, of real tokens
         tgt = mask[:, skip + 1:].bool()
         for name, fn in modes.items():
